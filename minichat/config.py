@@ -92,6 +92,9 @@ class SFTConfig:
     # keeps what pretraining learned (cf. InstructGPT's PPO-ptx); 0 = pure SFT.
     # Measured on the default run: held-out correct 0.23 -> 0.35 (greedy) with 0.5 and 400 steps.
     lm_mix: float = 0.5
+    # Pack several demonstrations per row (segment ids keep them apart): same loss per
+    # conversation, ~3x the demonstrations per step on ChatWorld's short dialogues.
+    pack: bool = True
     eval_temperature: float = 0.7
     max_new_tokens: int = 64
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30))

@@ -83,9 +83,21 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-def positions_from_mask(mask: jax.Array) -> jax.Array:
-    """Position ids that skip padding: the first real token of every row gets 0."""
-    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+def positions_from_mask(mask: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+    """Position ids that skip padding: the first real token of every row gets 0.
+
+    With `segments` (B, T) ids of packed sequences, positions restart at 0 where each
+    segment begins, so a sequence packed behind others is embedded as if it were alone.
+    """
+    count = jnp.cumsum(mask.astype(jnp.int32), axis=-1)
+    if segments is not None:
+        T = segments.shape[-1]
+        starts = jnp.concatenate([jnp.ones_like(segments[..., :1], bool),
+                                  segments[..., 1:] != segments[..., :-1]], axis=-1)
+        first = jax.lax.cummax(jnp.where(starts, jnp.arange(T), 0), axis=segments.ndim - 1)
+        before = jnp.take_along_axis(count - mask.astype(jnp.int32), first, axis=-1)
+        count = count - before  # real tokens of this segment up to and including t
+    return jnp.maximum(count - 1, 0)
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -314,21 +326,25 @@ class GPT(nnx.Module):
 
     # ---------------------------------------------------------------- forward passes
 
-    def __call__(self, tokens, mask=None, *, deterministic=True):
+    def __call__(self, tokens, mask=None, *, segments=None, deterministic=True):
         """tokens: (B, T) int32; mask: (B, T), 1 = real token, 0 = padding (left or right).
+        segments: optional (B, T) ids of sequences packed into one row; a token attends
+        only to earlier tokens of its own segment, and positions restart per segment.
 
         Returns (logits (B, T, V) float32, hidden (B, T, C) float32 after ln_f).
         """
-        hidden = self.hidden_states(tokens, mask, deterministic=deterministic)
+        hidden = self.hidden_states(tokens, mask, segments=segments, deterministic=deterministic)
         return self.unembed(hidden), hidden
 
-    def hidden_states(self, tokens, mask=None, *, deterministic=True):
+    def hidden_states(self, tokens, mask=None, *, segments=None, deterministic=True):
         """Final hidden states after ln_f, (B, T, C) float32; no unembedding."""
         B, T = tokens.shape
         mask = jnp.ones((B, T), jnp.int32) if mask is None else mask.astype(jnp.int32)
         causal = jnp.tril(jnp.ones((T, T), bool))
         allowed = causal[None, None] & (mask[:, None, None, :] > 0)  # (B, 1, T, T)
-        x = self.embed(tokens, positions_from_mask(mask), deterministic)
+        if segments is not None:  # block-diagonal: packed sequences never see each other
+            allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
+        x = self.embed(tokens, positions_from_mask(mask, segments), deterministic)
         for block in self.h:
             if self.config.remat:
                 x = _block_forward_remat(block, x, allowed, deterministic)

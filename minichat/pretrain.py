@@ -35,7 +35,9 @@ from minichat.checkpoint import Checkpointer, MetricsLog, mark_done, stage_dir
 from minichat.data import lm_batch, load_texts, pack_documents
 from minichat.parallel import batch_divisor, device_peak_flops, is_main, mesh_size, mfu, shard_batch, shard_state, to_host
 
-Batch = dict  # {"tokens": (B, T+1) int32, "valid": (B, T+1) 0/1, "loss_mask": (B, T+1) 0/1}
+# {"tokens": (B, T+1) int32, "valid": (B, T+1) 0/1, "loss_mask": (B, T+1) 0/1}, and for
+# packed rows (SFT) "segments": (B, T+1) int32 ids of the sequences sharing a row.
+Batch = dict
 
 
 # ---- the loss (pure) -------------------------------------------------------------------
@@ -54,7 +56,8 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array
 def batch_loss(model, batch: Batch) -> jax.Array:
     """Next-token loss of a batch: inputs are tokens[:, :-1], targets tokens[:, 1:]."""
     tokens = batch["tokens"]
-    logits, _ = model(tokens[:, :-1], batch["valid"][:, :-1])
+    segments = batch["segments"][:, :-1] if "segments" in batch else None
+    logits, _ = model(tokens[:, :-1], batch["valid"][:, :-1], segments=segments)
     return lm_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
 
 
