@@ -95,6 +95,9 @@ class SFTConfig:
     # Pack several demonstrations per row (segment ids keep them apart): same loss per
     # conversation, ~3x the demonstrations per step on ChatWorld's short dialogues.
     pack: bool = True
+    # Share of the demonstrations' user turns wrapped in a greeting or a thanks (ChatWorld
+    # only; held-out prompts are never wrapped), for robustness to unseen phrasings.
+    augment: float = 0.0
     eval_temperature: float = 0.7
     max_new_tokens: int = 64
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30))

@@ -35,7 +35,8 @@ def demonstrations(cfg, split: str) -> list[dict]:
         return convs[:-n_val] if split == "train" else convs[-n_val:]
     from minichat.world import world_from_config, generate_dialogues
     n = cfg.world.n_dialogues if split == "train" else max(cfg.world.n_dialogues // 20, 50)
-    return generate_dialogues(world_from_config(cfg.world), n, split, seed=cfg.world.seed + (split != "train"))
+    return generate_dialogues(world_from_config(cfg.world), n, split, seed=cfg.world.seed + (split != "train"),
+                              augment=cfg.sft.augment)
 
 
 def heldout_prompts(cfg) -> list[dict]:

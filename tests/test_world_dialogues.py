@@ -137,3 +137,20 @@ def test_a_small_world_still_generates_every_family_in_both_splits():
     for split in ("train", "heldout"):
         dialogues = generate_dialogues(world, 30 * len(FAMILIES), split, seed=3)
         assert {d["family"] for d in dialogues} == set(FAMILIES)
+
+
+def test_augment_wraps_only_train_user_turns_and_changes_nothing_else(world, train, heldout):
+    aug = generate_dialogues(world, 2200, "train", seed=0, augment=0.5)
+    wrapped = 0
+    for d, a in zip(train, aug):
+        assert d["family"] == a["family"] and d["meta"] == a["meta"]
+        for m, n in zip(d["messages"], a["messages"]):
+            if m["role"] != "user":
+                assert m == n
+            elif m["content"] != n["content"]:
+                wrapped += 1
+                assert any(n["content"] == p + m["content"] for p in P.USER_PREFIXES) or \
+                    any(n["content"] == m["content"] + s for s in P.USER_SUFFIXES)
+    n_user = sum(m["role"] == "user" for d in train for m in d["messages"])
+    assert abs(wrapped / n_user - 0.5) < 0.05
+    assert generate_dialogues(world, 1100, "heldout", seed=0, augment=0.5) == heldout

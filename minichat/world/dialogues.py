@@ -45,8 +45,10 @@ def join_and(items: list[str]) -> str:
 class _Ctx:
     """Per-dialogue state: the rng, the split, and which templates and names were used."""
 
-    def __init__(self, world: World, rng: random.Random, split: str):
+    def __init__(self, world: World, rng: random.Random, split: str,
+                 augment: float = 0.0, aug_rng: random.Random | None = None):
         self.world, self.rng, self.split = world, rng, split
+        self.augment, self.aug_rng = augment, aug_rng
         self.templates: list[str] = []
         self.entities: list[str] = []
 
@@ -74,6 +76,12 @@ class _Ctx:
         # A little surface noise (all lower case, no final punctuation), as users type.
         if self.rng.random() < 0.1:
             text = text.lower().rstrip("?.!")
+        if self.augment and self.split == "train":  # its own rng: the dialogues stay the same
+            r = self.aug_rng.random()
+            if r < self.augment / 2:
+                text = self.aug_rng.choice(P.USER_PREFIXES) + text
+            elif r < self.augment:
+                text = text + self.aug_rng.choice(P.USER_SUFFIXES)
         return {"role": "user", "content": text}
 
     def start(self) -> list[dict]:
@@ -378,8 +386,10 @@ BUILDERS = {f: globals()[f"build_{f}"] for f in FAMILIES}
 
 
 def generate_dialogues(world: World, n: int, split: str = "train", seed: int = 0,
-                       families: list[str] | None = None) -> list[dict]:
-    """``n`` dialogues, balanced across ``families`` (default: all), deterministic in ``seed``."""
+                       families: list[str] | None = None, augment: float = 0.0) -> list[dict]:
+    """``n`` dialogues, balanced across ``families`` (default: all), deterministic in ``seed``.
+    ``augment``: share of train-split user turns wrapped in a greeting or a thanks
+    (``phrasings.USER_PREFIXES``/``USER_SUFFIXES``); the dialogues are otherwise unchanged."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     families = list(families or FAMILIES)
@@ -387,10 +397,11 @@ def generate_dialogues(world: World, n: int, split: str = "train", seed: int = 0
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}; known: {FAMILIES}")
     rng = random.Random(seed * 2 + (split == "heldout"))
+    aug_rng = random.Random(seed * 2 + 1001)
     out = []
     for i in range(n):
         family = families[i % len(families)]
-        ctx = _Ctx(world, rng, split)
+        ctx = _Ctx(world, rng, split, augment, aug_rng)
         messages, meta = BUILDERS[family](ctx)
         meta.update(ideal=messages[-1]["content"], templates=ctx.templates,
                     entities=sorted(set(ctx.entities)))

@@ -298,6 +298,16 @@ SUMMARY_Q = ["Can you summarize our conversation so far?", "Summarize the conver
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a helpful, honest and harmless assistant."]
 
 
+# Train-time augmentation of user turns (``generate_dialogues(..., augment=p)``): chat
+# users open with a greeting or close with thanks; wrapping training questions in these
+# teaches the model to key on what is asked rather than on one exact wording. They are
+# never applied to held-out dialogues, which keep their own phrasings only.
+USER_PREFIXES = ["Hi! ", "Hello. ", "Hey, ", "Quick question: ", "I have a question. ", "Okay. ",
+                 "So, ", "One more thing: ", "Please help me. ", "I wonder: ", "Hmm. ", "Good morning! "]
+USER_SUFFIXES = [" Thanks!", " Thank you.", " Please.", " I am curious.", " Just asking.",
+                 " Thanks a lot.", " Any idea?", " Please answer briefly."]
+
+
 def split_indices(n: int, split: str) -> list[int]:
     """Indices of a template list usable in ``split`` (see module docstring)."""
     held = [i for i in range(n) if i % 4 == 3] or [n - 1]
