@@ -187,7 +187,7 @@ def run(cfg, run_dir: str, tok, mesh) -> dict:
 def evaluate_sft(model, tok, cfg, sdir: str) -> dict:
     """Gold-judge scores by family on held-out prompts; a few sample conversations."""
     from minichat.checkpoint import MetricsLog
-    from minichat.evaluate import conversation_text, evaluate_policy, save_eval
+    from minichat.evaluate import conversation_text, evaluate_policy, markdown_family_table, save_eval
 
     prompts = heldout_prompts(cfg)
     result = evaluate_policy(model, tok, prompts, max_new_tokens=cfg.sft.max_new_tokens,
@@ -205,4 +205,38 @@ def evaluate_sft(model, tok, cfg, sdir: str) -> dict:
             samples.append(conversation_text(ex, rep["text"]))
     for s in samples[:4]:
         print("\n" + s)
-    return {"eval": {m: result[m]["table"] for m in ("greedy", "sampled")}, "samples": samples}
+    tables = {"entities held out, phrasings held out": result["greedy"]["table"]}
+    tables.update(generalisation_tables(model, tok, cfg))
+    for name, table in tables.items():
+        log.log({"step": cfg.sft.steps, "eval": "greedy", "split": name, "correct": table["all"]["correct"]})
+    report_md = ("### Where held-out prompts fail (SFT, greedy)\n\nShare judged correct when only the "
+                 "entities, only the user's phrasings, both or neither are unseen in SFT "
+                 f"({cfg.world.n_heldout // 2} prompts per family for the first three columns).\n\n"
+                 + markdown_family_table({k.replace("entities", "ent.").replace("phrasings", "phr."): v
+                                          for k, v in reversed(tables.items())}))
+    return {"eval": {m: result[m]["table"] for m in ("greedy", "sampled")}, "samples": samples,
+            "generalisation": {k: v["all"]["correct"] for k, v in tables.items()}, "report_md": report_md}
+
+
+def generalisation_tables(model, tok, cfg) -> dict[str, dict]:
+    """Greedy family tables on prompts whose entities, phrasings or neither are held out.
+
+    The main evaluation holds out both at once; these three tell an SFT model that cannot
+    use a fact it learned in pretraining (unseen entities) from one that does not
+    recognise a question worded differently (unseen phrasings).
+    """
+    from minichat.evaluate import family_table, judge_replies, sample_replies
+    from minichat.world import FAMILIES, generate_dialogues, to_prompt, world_from_config
+
+    world = world_from_config(cfg.world)
+    n = max(1, cfg.world.n_heldout // 2) * len(FAMILIES)
+    out = {}
+    for entities, phrasings in (("train", "train"), ("heldout", "train"), ("train", "heldout")):
+        prompts = [to_prompt(d) for d in generate_dialogues(world, n, entities, seed=cfg.world.seed + 7,
+                                                            phrasing_split=phrasings)]
+        replies = sample_replies(model, tok, prompts, max_new_tokens=cfg.sft.max_new_tokens,
+                                 temperature=0.0, seed=cfg.seed)
+        name = f"entities {'held out' if entities == 'heldout' else 'seen'}, " \
+               f"phrasings {'held out' if phrasings == 'heldout' else 'seen'}"
+        out[name] = family_table(prompts, *judge_replies(prompts, replies))
+    return out

@@ -46,14 +46,15 @@ class _Ctx:
     """Per-dialogue state: the rng, the split, and which templates and names were used."""
 
     def __init__(self, world: World, rng: random.Random, split: str,
-                 augment: float = 0.0, aug_rng: random.Random | None = None):
+                 augment: float = 0.0, aug_rng: random.Random | None = None, phrasing_split: str | None = None):
         self.world, self.rng, self.split = world, rng, split
+        self.phrasing_split = phrasing_split or split
         self.augment, self.aug_rng = augment, aug_rng
         self.templates: list[str] = []
         self.entities: list[str] = []
 
     def pick(self, key: str, templates: list[str]) -> str:
-        i, t = P.pick(self.rng, templates, self.split)
+        i, t = P.pick(self.rng, templates, self.phrasing_split)
         self.templates.append(f"{key}#{i}")
         return t
 
@@ -386,12 +387,16 @@ BUILDERS = {f: globals()[f"build_{f}"] for f in FAMILIES}
 
 
 def generate_dialogues(world: World, n: int, split: str = "train", seed: int = 0,
-                       families: list[str] | None = None, augment: float = 0.0) -> list[dict]:
+                       families: list[str] | None = None, augment: float = 0.0,
+                       phrasing_split: str | None = None) -> list[dict]:
     """``n`` dialogues, balanced across ``families`` (default: all), deterministic in ``seed``.
     ``augment``: share of train-split user turns wrapped in a greeting or a thanks
-    (``phrasings.USER_PREFIXES``/``USER_SUFFIXES``); the dialogues are otherwise unchanged."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    (``phrasings.USER_PREFIXES``/``USER_SUFFIXES``); the dialogues are otherwise unchanged.
+    ``phrasing_split`` (default: ``split``) picks the user phrasings apart from the
+    entities, so evaluation can tell unseen entities from unseen wordings."""
+    for s in (split, phrasing_split or split):
+        if s not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {s!r}")
     families = list(families or FAMILIES)
     unknown = set(families) - set(FAMILIES)
     if unknown:
@@ -401,7 +406,7 @@ def generate_dialogues(world: World, n: int, split: str = "train", seed: int = 0
     out = []
     for i in range(n):
         family = families[i % len(families)]
-        ctx = _Ctx(world, rng, split, augment, aug_rng)
+        ctx = _Ctx(world, rng, split, augment, aug_rng, phrasing_split)
         messages, meta = BUILDERS[family](ctx)
         meta.update(ideal=messages[-1]["content"], templates=ctx.templates,
                     entities=sorted(set(ctx.entities)))
