@@ -33,21 +33,27 @@ FACT_TEMPLATES = {
                    "The population of {n} is about {v} million people.", "Roughly {v} million people call {n} home.",
                    "{n} is home to about {v} million people.", "There are about {v} million people in {n}."],
     "language": ["People in {n} speak {v}.", "The language of {n} is {v}.", "{v} is spoken in {n}.",
-                 "Most people in {n} speak {v}.", "In {n}, people speak {v}.", "{v} is the main language of {n}."],
+                 "Most people in {n} speak {v}.", "In {n}, people speak {v}.", "{v} is the main language of {n}.",
+                 "The tongue of {n} is {v}."],
     "neighbour": ["{n} borders {v}.", "{n} shares a border with {v}.", "The neighbour of {n} is {v}.",
-                  "{v} lies next to {n}.", "{n} and {v} are neighbours.", "You can cross from {n} into {v}."],
+                  "{v} lies next to {n}.", "{n} and {v} are neighbours.", "You can cross from {n} into {v}.",
+                  "{v} lies beside {n}."],
     "colour": ["The {n} is {v}.", "The colour of the {n} is {v}.", "Every {n} is {v}.",
-               "You can spot a {n} by its {v} colour.", "The {v} {n} is easy to see.", "A {n} is always {v}."],
+               "You can spot a {n} by its {v} colour.", "The {v} {n} is easy to see.", "A {n} is always {v}.",
+               "The {n} has a {v} colour."],
     "legs": ["The {n} has {v} legs.", "A {n} walks on {v} legs.", "Every {n} has {v} legs.",
              "The {n} is an animal with {v} legs.", "Count the legs of a {n} and you get {v}."],
     "sound": ["The {n} {vs}.", "A {n} {vs} when it is happy.", "You can hear the {n} {v} at night.",
-              "The {n} makes a {v} sound.", "When a {n} is near, you hear it {v}."],
+              "The {n} makes a {v} sound.", "When a {n} is near, you hear it {v}.",
+              "From a {n} you hear a {v}."],
     "habitat": ["The {n} lives in the {v}.", "You can find the {n} in the {v}.", "The {n} makes its home in the {v}.",
-                "The {v} is home to the {n}.", "Many {n}s live in the {v}."],
+                "The {v} is home to the {n}.", "Many {n}s live in the {v}.",
+                "In the wild, the {n} has its home in the {v}."],
     "job": ["{n} is {va}.", "{n} works as {va}.", "By trade, {n} is {va}.", "{n} has worked as {va} for years.",
-            "{n} earns a living as {va}."],
+            "{n} earns a living as {va}.", "{n} does the work of {va}."],
     "home": ["{n} lives in {v}.", "{n} makes a home in {v}.", "{n}'s home is in {v}.",
-             "{n} has lived in {v} for a long time.", "{n} lives in the country of {v}."],
+             "{n} has lived in {v} for a long time.", "{n} lives in the country of {v}.",
+             "{n} calls {v} home."],
 }
 
 
@@ -107,11 +113,23 @@ def doc_letter(world, rng):
     slots, casual, formal = _note_slots(world, rng)
     style = rng.random()
     if style < 0.5:  # the rewrite pair, the skill the `rewrite` family asks for
-        return (f"A note to {slots['name']} to {slots['purpose']}.\nCasual: {casual}\n"
-                f"Formal: {formal}")
+        head, cas, form = rng.choice([("A note", "Casual", "Formal"),
+                                      ("A draft of a short note", "In a casual style", "Rewritten so it sounds formal")])
+        return f"{head} to {slots['name']} to {slots['purpose']}.\n{cas}: {casual}\n{form}: {formal}"
     if style < 0.75:
         return f"A casual note to a friend:\n{casual}"
     return f"A formal letter:\n{formal}"
+
+
+# Everyday words for the operations, as a web corpus would have them.
+ARITH_WORDS = {
+    "plus": ["The sum of {a} and {b} is {r}.", "If you have {a} apples and get {b} more, you have {r}.",
+             "Add {b} to {a} and you get {r}."],
+    "minus": ["{a} take away {b} leaves {r}.", "If you have {a} apples and eat {b}, {r} are left.",
+              "Subtract {b} from {a} and you get {r}."],
+    "times": ["The product of {a} and {b} is {r}.", "{a} multiplied by {b} makes {r}.",
+              "{a} groups of {b} apples make {r} apples."],
+}
 
 
 def doc_arithmetic(world, rng):
@@ -126,7 +144,7 @@ def doc_arithmetic(world, rng):
         sym = {"plus": "+", "minus": "-", "times": "x"}[op]
         lines.append(rng.choice([arith_sentence(a, op, b), f"{a} {sym} {b} = {r}",
                                  f"If you take {a} and {b}, {a} {op} {b} gives {r}.",
-                                 f"{a} {op} {b} equals {r}."]))
+                                 f"{a} {op} {b} equals {r}.", rng.choice(ARITH_WORDS[op]).format(a=a, b=b, r=r)]))
     return "\n".join(lines)
 
 
@@ -157,6 +175,11 @@ def doc_qa(world, rng):
     return "\n".join(f"Q: {q}\nA: {a}" for q, a in qa)
 
 
+CANNOT = ("it cannot send, email, post or mail a note, make or ring a phone call, book or buy a "
+          "ticket, a flight or a hotel, check the weather or how warm it is at the moment, or set an "
+          "alarm, a timer or a reminder.")
+
+
 def doc_guide(world, rng):
     """Prose about how a good assistant behaves: refusals, benign twins, limits."""
     roll = rng.random()
@@ -173,7 +196,7 @@ def doc_guide(world, rng):
         cap = rng.choice(P.CAPABILITIES)
         p, c = rng.choice(world.people), rng.choice(world.countries)
         slots = dict(p=p.name, first=p.first, c=c.name, cap=c.capital, h=rng.randint(5, 9))
-        return (f"An assistant that only writes text cannot act in the world. When asked "
+        return (f"An assistant that only writes text cannot act in the world: {CANNOT} When asked "
                 f"\"{_train_question(rng, cap['asks']).format(**slots)}\", it answers honestly: "
                 f"\"{cap['ideal'].format(**slots)}\" It never pretends, as in \"{cap['pretend'].format(**slots)}\"")
     e = rng.choice(world.entities())
@@ -210,7 +233,8 @@ def doc_notes(world, rng):
         facts.append(lower_first(fact_sentence(world, e, attr))[:-1])
     names = [e.name if e.kind != "animal" else f"the {e.name}" for e in es]
     joined = ", ".join(facts[:-1]) + (", and " if len(facts) > 2 else " and ") + facts[-1]
-    return (f"Notes from a chat. We asked about {', '.join(names[:-1])} and {names[-1]}. "
+    head = rng.choice(["Notes from a chat.", "A recap of a chat.", "What one chat covered, in short."])
+    return (f"{head} We asked about {', '.join(names[:-1])} and {names[-1]}. "
             f"In summary: {joined}.")
 
 
