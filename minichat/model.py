@@ -486,7 +486,10 @@ def logprobs_from_logits(logits, tokens, temperature: float = 1.0):
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # A one-hot product rather than take_along_axis: the gather's gradient is a scatter,
+    # which XLA runs slowly on CPU; this one's is elementwise (tiny train step, 16 x 128 tokens: +24%).
+    one_hot = jax.nn.one_hot(tokens, logits.shape[-1], dtype=logits.dtype)
+    picked = jnp.sum(logits * one_hot, axis=-1)
     return picked - logz
 
 

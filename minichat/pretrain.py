@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from minichat.checkpoint import Checkpointer, MetricsLog, mark_done, stage_dir
 from minichat.data import lm_batch, load_texts, pack_documents
+from minichat.model import logprobs_from_logits
 from minichat.parallel import batch_divisor, device_peak_flops, is_main, mesh_size, mfu, shard_batch, shard_state, to_host
 
 # {"tokens": (B, T+1) int32, "valid": (B, T+1) 0/1, "loss_mask": (B, T+1) 0/1}, and for
@@ -47,8 +48,7 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array
     Computed in float32 whatever the compute dtype. A batch with no counted position
     gives 0 (not NaN): the denominator is clamped at 1.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = -logprobs_from_logits(logits, targets)  # float32 log softmax at the targets
     mask = mask.astype(jnp.float32)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
