@@ -205,15 +205,16 @@ def evaluate_sft(model, tok, cfg, sdir: str) -> dict:
             samples.append(conversation_text(ex, rep["text"]))
     for s in samples[:4]:
         print("\n" + s)
-    tables = {"entities held out, phrasings held out": result["greedy"]["table"]}
-    tables.update(generalisation_tables(model, tok, cfg))
+    tables = generalisation_tables(model, tok, cfg)
+    tables["entities held out, phrasings held out"] = result["greedy"]["table"]
     for name, table in tables.items():
         log.log({"step": cfg.sft.steps, "eval": "greedy", "split": name, "correct": table["all"]["correct"]})
     report_md = ("### Where held-out prompts fail (SFT, greedy)\n\nShare judged correct when only the "
                  "entities, only the user's phrasings, both or neither are unseen in SFT "
-                 f"({cfg.world.n_heldout // 2} prompts per family for the first three columns).\n\n"
+                 f"({max(1, cfg.world.n_heldout // 2)} prompts per family in the first three columns; "
+                 "the last is the main evaluation above).\n\n"
                  + markdown_family_table({k.replace("entities", "ent.").replace("phrasings", "phr."): v
-                                          for k, v in reversed(tables.items())}))
+                                          for k, v in tables.items()}))
     return {"eval": {m: result[m]["table"] for m in ("greedy", "sampled")}, "samples": samples,
             "generalisation": {k: v["all"]["correct"] for k, v in tables.items()}, "report_md": report_md}
 
