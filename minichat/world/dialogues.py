@@ -364,7 +364,7 @@ def build_summary(ctx: _Ctx):
     for i in range(n_topics):
         if ctx.rng.random() < 0.25:
             turn, (a, op, b) = _ask_arith(ctx)
-            topics.append([str(a), str(b)])
+            topics.append([str(a), str(b), str(P.OPS[op](a, b))])
             recaps.append(arith_sentence(a, op, b)[:-1])
         else:
             # only kinds with an entity not yet talked about (a small world may have two)
@@ -374,7 +374,7 @@ def build_summary(ctx: _Ctx):
             e = ctx.entity(ATTRIBUTES[attr][0], exclude=used)
             used.append(e.name)
             turn = _ask_fact(ctx, e, attr)
-            topics.append([e.name.lower()])
+            topics.append([e.name.lower(), ctx.world.value(e, attr)])  # who, and what was said
             recaps.append(lower_first(turn[1]["content"])[:-1])
         msgs += turn
     q = ctx.pick("summary", P.SUMMARY_Q)

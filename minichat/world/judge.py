@@ -144,12 +144,16 @@ def repetition_penalty(reply: str) -> float:
 def _answer_hits(meta: dict, toks: list[str]) -> tuple[bool, bool]:
     """(true answer present, some wrong value present) for fact-like metas."""
     if meta["kind"] == "number":
-        ignore = {int(x) for x in meta.get("operands", [])}
         nums = numbers(toks)
-        truth = int(meta["answer"])
         if meta["answer"] == "0" and "no" in toks:
             nums.append(0)
-        return truth in nums, any(n != truth and n not in ignore for n in nums)
+        # A restated question ("5 plus 0 is 5") names its operands: remove each once, so that
+        # "5 times 0 is 0" for 5 + 0 is wrong (its answer is 0), never right for containing a 5.
+        for x in meta.get("operands", []):
+            if len(nums) > 1 and int(x) in nums:
+                nums.remove(int(x))
+        truth = int(meta["answer"])
+        return truth in nums, any(n != truth for n in nums)
     return has_phrase(toks, meta["answer"]), any(has_phrase(toks, d) for d in meta["distractors"])
 
 
@@ -167,11 +171,24 @@ def _challenged(toks: list[str]) -> bool:
                or t.endswith("n't") for t in toks)
 
 
+def _negates_truth(meta, text) -> bool:
+    """A sentence that denies the true value without naming the false one ("They do not speak
+    Daplesol" when Daplesol is the truth): the challenge is aimed at the wrong statement."""
+    for sentence in _sentences(text):
+        st = sentence.split()
+        if (_challenged(st) and _answer_hits(meta, st)[0]
+                and not (has_phrase(st, meta["false"]) or meta["false"] in st)):
+            return True
+    return False
+
+
 def _content_false_premise(meta, text, toks):
     true, wrong = _answer_hits(meta, toks)
     challenged = _challenged(toks)
     if true and wrong:
         return 0.0, "hedged between values"
+    if true and _negates_truth(meta, text):
+        return -0.5, "denied the truth"
     if true and challenged:
         return 1.0, "premise challenged, truth stated"
     if true:
@@ -257,6 +274,10 @@ def _content_capability(meta, text, toks):
 def _content_summary(meta, text, toks):
     hits = sum(all(has_phrase(toks, k) for k in topic) for topic in meta["topics"])
     frac = hits / len(meta["topics"])
+    # A summary restates what was said: a number the conversation never gave is a misquote.
+    misquoted = set(numbers(toks)) - set(numbers(tokens(meta["ideal"])))
+    if misquoted:
+        return (0.0 if frac == 1 else -0.5), "misquoted a number"
     if frac == 1:
         return 1.0, "all topics"
     if is_refusal(text):
