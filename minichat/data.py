@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -79,37 +80,27 @@ def load_texts(paths: Sequence[str]) -> list[str]:
     return docs
 
 
-def load_conversations(paths: Sequence[str]) -> list[dict]:
-    """SFT demonstrations: each must contain at least one assistant turn."""
-    out = []
-    for path in paths:
-        for where, obj in read_jsonl(path):
-            msgs = check_messages(obj.get("messages"), where)
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise DataError(f"{where}: a demonstration needs at least one assistant turn")
-            out.append(obj)
-    return out
+def _load(paths: Sequence[str], parse) -> list[dict]:
+    """Every line of every file through `parse(obj, where)`, which raises `DataError`."""
+    return [parse(obj, where) for path in paths for where, obj in read_jsonl(path)]
 
 
-def load_prompts(paths: Sequence[str]) -> list[dict]:
-    out = []
-    for path in paths:
-        for where, obj in read_jsonl(path):
-            check_messages(obj.get("messages"), where, last_role="user")
-            out.append(obj)
-    return out
+def parse_conversation(obj: dict, where: str) -> dict:
+    """An SFT demonstration: it must contain at least one assistant turn."""
+    msgs = check_messages(obj.get("messages"), where)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: a demonstration needs at least one assistant turn")
+    return obj
 
 
-def load_comparisons(paths: Sequence[str]) -> list[dict]:
-    """K-way rankings or TRL-style pairs, both returned in the K-way form."""
-    out = []
-    for path in paths:
-        for where, obj in read_jsonl(path):
-            out.append(parse_comparison(obj, where))
-    return out
+def parse_prompt(obj: dict, where: str) -> dict:
+    check_messages(obj.get("messages"), where, last_role="user")
+    return obj
 
 
 def parse_comparison(obj: dict, where: str) -> dict:
+    """K-way rankings or TRL-style pairs, both returned in the K-way form. The optional
+    per-completion lists `gold` (numbers) and `ended` (booleans) are checked too."""
     if "chosen" in obj or "rejected" in obj:
         prompt = obj.get("messages", obj.get("prompt"))
         if isinstance(prompt, str):
@@ -118,14 +109,34 @@ def parse_comparison(obj: dict, where: str) -> dict:
         for key in ("chosen", "rejected"):
             if not isinstance(obj.get(key), str):
                 raise DataError(f"{where}: field '{key}' must be a string")
-        return {"messages": msgs, "completions": [obj["chosen"], obj["rejected"]], "ranking": [0, 1]}
+        row = {"messages": msgs, "completions": [obj["chosen"], obj["rejected"]], "ranking": [0, 1]}
+        return {**row, **({"family": obj["family"]} if "family" in obj else {})}
     msgs = check_messages(obj.get("messages"), where, last_role="user")
     comps, ranking = obj.get("completions"), obj.get("ranking")
     if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
         raise DataError(f"{where}: field 'completions' must be a list of >= 2 strings")
     if not isinstance(ranking, list) or sorted(ranking) != list(range(len(comps))):
         raise DataError(f"{where}: field 'ranking' must be a permutation of 0..{len(comps) - 1} (best first)")
+    for key, what, ok in (("gold", "numbers", lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)),
+                          ("ended", "booleans", lambda x: isinstance(x, bool))):
+        v = obj.get(key)
+        if key in obj and not (isinstance(v, list) and len(v) == len(comps) and all(map(ok, v))):
+            raise DataError(f"{where}: field '{key}' must be a list of {len(comps)} {what}, one per completion")
+    if len(comps) > 9:
+        warnings.warn(f"{where}: {len(comps)} completions; InstructGPT ranks at most 9", stacklevel=3)
     return {**obj, "messages": msgs, "completions": comps, "ranking": ranking}
+
+
+def load_conversations(paths: Sequence[str]) -> list[dict]:
+    return _load(paths, parse_conversation)
+
+
+def load_prompts(paths: Sequence[str]) -> list[dict]:
+    return _load(paths, parse_prompt)
+
+
+def load_comparisons(paths: Sequence[str]) -> list[dict]:
+    return _load(paths, parse_comparison)
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:

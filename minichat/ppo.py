@@ -388,21 +388,22 @@ class Rollout(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class PPOHyper:
-    """The static (hashable) hyperparameters the jitted functions close over."""
+    """The static (hashable) hyperparameters the jitted functions close over: the PPOConfig
+    fields of the same names (no defaults here, so there is one source of truth)."""
 
-    temperature: float = 0.7
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_ratio: float = 0.2
-    clip_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False
-    no_end_penalty: float = -1.0
-    ptx_coef: float = 0.0
-    epochs: int = 4
-    minibatch_size: int = 16
-    micro_batch_size: int = 16
-    end_id: int = 0
+    temperature: float
+    gamma: float
+    lam: float
+    clip_ratio: float
+    clip_value: float
+    vf_coef: float
+    whiten_rewards: bool
+    no_end_penalty: float
+    ptx_coef: float
+    epochs: int
+    minibatch_size: int
+    micro_batch_size: int
+    end_id: int
 
     @classmethod
     def from_config(cls, pcfg, end_id: int) -> "PPOHyper":

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minichat.data import DataError, parse_comparison, read_jsonl, write_jsonl
+from minichat.data import DataError, load_comparisons, write_jsonl
 
 __all__ = [
     "rm_loss",
@@ -337,31 +337,7 @@ def tied_share(rows: list[dict]) -> float:
 
 
 # ---- reading comparison files --------------------------------------------------------
-def load_comparison_files(paths) -> list[dict]:
-    """K-way or TRL-style pairwise JSONL -> K-way rows. A bad line raises `DataError`
-    naming the file, the line and the reason (the optional `gold`/`ended` lists included)."""
-    rows = []
-    for path in paths:
-        for where, obj in read_jsonl(path):
-            row = parse_comparison(obj, where)
-            if "family" in obj:
-                row["family"] = obj["family"]
-            k = len(row["completions"])
-            _check_per_completion(obj, "gold", k, where, "numbers",
-                                  lambda x: isinstance(x, (int, float)) and not isinstance(x, bool))
-            _check_per_completion(obj, "ended", k, where, "booleans", lambda x: isinstance(x, bool))
-            if k > 9:
-                warnings.warn(f"{where}: {k} completions; InstructGPT ranks at most 9", stacklevel=2)
-            rows.append(row)
-    return rows
-
-
-def _check_per_completion(obj: dict, key: str, k: int, where: str, what: str, ok) -> None:
-    """An optional per-completion list (`gold`, `ended`) must have one valid entry per reply."""
-    if key in obj:
-        v = obj[key]
-        if not (isinstance(v, list) and len(v) == k and all(ok(x) for x in v)):
-            raise DataError(f"{where}: field '{key}' must be a list of {k} {what}, one per completion")
+load_comparison_files = load_comparisons  # K-way or pairwise JSONL -> K-way rows (DataError on bad lines)
 
 
 def comparison_data(cfg, run_dir: str, stage: str) -> tuple[list[dict], list[dict]]:

@@ -186,7 +186,7 @@ def test_ppo_step_zero_ratio_one(seed, lengths):
     assert float(s["clipfrac"]) == 0.0 and float(s["vf_clipfrac"]) == 0.0
     np.testing.assert_allclose(s["pg_loss"], -adv[mask].mean(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s["vf_loss"], 0.5 * ((v - ret)[mask] ** 2).mean(), rtol=1e-5)
-    np.testing.assert_allclose(loss, s["pg_loss"] + 0.1 * s["vf_loss"], rtol=1e-6)
+    np.testing.assert_allclose(loss, s["pg_loss"] + 0.1 * s["vf_loss"], rtol=1e-6, atol=1e-7)  # float32 sum of two near-cancelling terms
 
 
 HAND_RATIOS = np.array([[1.5, 0.5, 1.1, 0.5, 1.0]])  # 5th position is padding
