@@ -22,8 +22,10 @@ from minichat.parallel import make_mesh
 from minichat.reward import (
     Scorer,
     batch_loss,
+    batch_width,
     batch_rewards,
     encode_comparisons,
+    epoch_batches,
     label,
     load_comparison_files,
     load_reward_model,
@@ -162,6 +164,34 @@ def test_batch_loss_is_rm_loss_of_each_sequence_scored_alone(tok, rm):
     want, want_m = rm_loss(alone, d["ranking"], d["valid"])
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     assert int(metrics["num_pairs"]) == 3 + 1
+
+
+def test_batch_cut_to_its_width_gives_the_same_loss(tok, rm):
+    rows = kway_rows([3, 2])
+    d = encode_comparisons(tok, rows, 192)
+    w = batch_width(d["mask"])
+    assert w < 192 and w % 32 == 0 and d["mask"][..., w:].sum() == 0 and d["mask"][..., w - 32:].sum() > 0
+    cut = {**d, "tokens": d["tokens"][..., :w], "mask": d["mask"][..., :w]}
+    full, _ = batch_loss(rm, {k: jnp.asarray(v) for k, v in d.items()})
+    np.testing.assert_allclose(batch_loss(rm, {k: jnp.asarray(v) for k, v in cut.items()})[0], full, rtol=1e-5)
+
+
+@settings(max_examples=25)
+@given(st.integers(1, 200), st.integers(1, 17), st.integers(1, 3), st.integers(0, 99))
+def test_length_bucketed_batches_cover_every_prompt_each_epoch(n, batch_size, epochs, seed):
+    lengths = np.random.default_rng(seed).integers(10, 190, n)
+    plain = epoch_batches(n, batch_size, epochs, seed)
+    bucketed = epoch_batches(n, batch_size, epochs, seed, lengths)
+    per_epoch = len(plain) // epochs
+    assert len(bucketed) == len(plain) and all(len(b) == batch_size for b in bucketed)
+    for e in range(epochs):  # the same prompts each epoch, all of them, only regrouped
+        a = np.concatenate(plain[e * per_epoch:(e + 1) * per_epoch])
+        b = np.concatenate(bucketed[e * per_epoch:(e + 1) * per_epoch])
+        np.testing.assert_array_equal(np.sort(a), np.sort(b))
+        assert set(b.tolist()) == set(range(n))
+    if n >= 8 * batch_size and batch_size > 1:  # grouping by length makes batches narrower
+        spread = lambda bs: np.mean([np.ptp(lengths[b]) for b in bs])
+        assert spread(bucketed) < spread(plain)
 
 
 # ---- normalisation on a real model --------------------------------------------------------------
