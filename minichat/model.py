@@ -50,6 +50,7 @@ model reads it at the last token, the PPO value model at every token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -63,6 +64,47 @@ from minichat.config import ModelConfig
 # Masked attention scores are set to this instead of -inf, so that a query row with no
 # visible key (a padding query) softmaxes to a uniform average instead of NaN.
 _MASKED = -1e9
+
+
+# --------------------------------------------------------------------------- dense products
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x, w, out_dtype=None):
+    """x (..., I) · w (I, O) -> (..., O), as ONE 2-D matrix product, forward and backward.
+
+    Autodiff of the batched product contracts the weight gradient over all leading axes of x
+    at once, which XLA:CPU lowers to a transpose copy plus a matmul; flattening x to (N, I)
+    gives plain (N, I)ᵀ·(N, O) and (N, O)·(O, I) GEMMs instead. Measured on the tiny train
+    step (16 x 128 tokens, 2 cores): 14.2k -> 17.1k tokens/s with every linear layer and the
+    unembedding on this path. `out_dtype` is the accumulation / output type (e.g. float32
+    logits from bfloat16 operands); None = the operands' type.
+    """
+    return _dense_fwd(x, w, out_dtype)[0]
+
+
+def _dense_fwd(x, w, out_dtype):
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), (0,)), ((), ())),
+                            preferred_element_type=out_dtype)
+    return y.reshape(*x.shape[:-1], w.shape[-1]), (x, w)
+
+
+def _dense_bwd(out_dtype, residuals, g):
+    x, w = residuals
+    g2 = g.reshape(-1, g.shape[-1]).astype(w.dtype)
+    dx = jax.lax.dot_general(g2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g2, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _linear_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None, **_):
+    """`nnx.Linear`'s product routed through `dense` (Linear always contracts x's last axis
+    with the kernel's first)."""
+    assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())), dimension_numbers
+    return dense(x, w, preferred_element_type)
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -149,8 +191,10 @@ class CausalSelfAttention(nnx.Module):
         self.n_head = config.n_head
         self.implementation = config.attention
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
-        self.c_attn = nnx.Linear(C, 3 * C, dtype=dt, kernel_init=_normal(0.02), rngs=rngs)
-        self.c_proj = nnx.Linear(C, C, dtype=dt, kernel_init=_normal(residual_std), rngs=rngs)
+        self.c_attn = nnx.Linear(C, 3 * C, dtype=dt, dot_general=_linear_dot_general,
+                                 kernel_init=_normal(0.02), rngs=rngs)
+        self.c_proj = nnx.Linear(C, C, dtype=dt, dot_general=_linear_dot_general,
+                                 kernel_init=_normal(residual_std), rngs=rngs)
         drop_rngs = rngs if config.dropout > 0 else None
         self.attn_dropout = nnx.Dropout(config.dropout, rngs=drop_rngs)
         self.resid_dropout = nnx.Dropout(config.dropout, rngs=drop_rngs)
@@ -262,8 +306,10 @@ class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         C, dt = config.n_embd, _dtype(config.dtype)
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
-        self.c_fc = nnx.Linear(C, 4 * C, dtype=dt, kernel_init=_normal(0.02), rngs=rngs)
-        self.c_proj = nnx.Linear(4 * C, C, dtype=dt, kernel_init=_normal(residual_std), rngs=rngs)
+        self.c_fc = nnx.Linear(C, 4 * C, dtype=dt, dot_general=_linear_dot_general,
+                               kernel_init=_normal(0.02), rngs=rngs)
+        self.c_proj = nnx.Linear(4 * C, C, dtype=dt, dot_general=_linear_dot_general,
+                                 kernel_init=_normal(residual_std), rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
 
     def __call__(self, x, *, deterministic=True):
@@ -361,8 +407,7 @@ class GPT(nnx.Module):
         """Tied output layer: logits = hidden · wteᵀ, computed in the compute dtype with
         float32 output (this is `wte.attend` with a float32 result)."""
         dt = _dtype(self.config.dtype)
-        return jnp.dot(hidden.astype(dt), self.wte.embedding[...].astype(dt).T,
-                       preferred_element_type=jnp.float32)
+        return dense(hidden.astype(dt), self.wte.embedding[...].astype(dt).T, jnp.float32)
 
     def decode(self, tokens, cache: KVCache, mask=None, *, last_only: bool = False):
         """Run a chunk of tokens against the KV cache (a whole prompt, or one new token).

@@ -424,3 +424,27 @@ def test_causal_block_skipping_is_exact(split, monkeypatch):
     whole = run()
     for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# ---- dense: the flattened 2-D product and its hand-written backward pass -------------------------
+
+@settings(max_examples=10)
+@given(st.lists(st.integers(1, 5), min_size=0, max_size=2), st.integers(1, 9), st.integers(1, 9),
+       st.integers(0, 2**31 - 1))
+def test_dense_value_and_gradients_equal_autodiff_of_the_plain_product(lead, n_in, n_out, seed):
+    from minichat.model import dense
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(*lead, n_in)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(n_in, n_out)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(*lead, n_out)), jnp.float32)  # a random cotangent
+    ours = jax.value_and_grad(lambda x, w: jnp.sum(dense(x, w) * ct), argnums=(0, 1))(x, w)
+    plain = jax.value_and_grad(lambda x, w: jnp.sum(jnp.dot(x, w) * ct), argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # bfloat16 operands with float32 output: float32 results, gradients in the operands' type
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    y = dense(xb, wb, jnp.float32)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, jnp.dot(xb, wb, preferred_element_type=jnp.float32), rtol=1e-6, atol=1e-6)
+    gx, gw = jax.grad(lambda x, w: jnp.sum(dense(x, w, jnp.float32) * ct), argnums=(0, 1))(xb, wb)
+    assert gx.dtype == gw.dtype == jnp.bfloat16
