@@ -174,6 +174,21 @@ def test_arithmetic_reads_the_result_not_the_operands():
         assert judge(example, wrong) <= 0, (wrong, judge_breakdown(example, wrong))
 
 
+def test_a_reply_about_another_subject_is_wrong():
+    example = ex("false_premise", "Actually, the skolik does not have 4 legs. It has 2 legs.", subject="skolik",
+                 attribute="legs", kind="number", answer="2", false="4", operands=["4"], distractors=[],
+                 other_subjects=["damzimux", "bamil"])
+    assert judge(example, example["meta"]["ideal"]) >= 0.9
+    assert judge(example, "Actually, it does not have 4 legs. It has 2 legs.") >= 0.9  # a pronoun is fine
+    wrong = "Actually, the damzimux does not have 4 legs. It has 2 legs."  # seen from an SFT policy
+    assert judge(example, wrong) <= 0, judge_breakdown(example, wrong)
+    # a neighbour is a country too: naming the answer is not naming another subject
+    fact = ex("fact", "Dorania lies beside Olmaria.", subject="Dorania", attribute="neighbour", kind="name",
+              answer="Olmaria", distractors=["Brisia"], other_subjects=["Olmaria", "Brisia", "Tamskia"])
+    assert judge(fact, "It lies beside Olmaria.") >= 0.9
+    assert judge(fact, "Tamskia lies beside Olmaria.") <= 0
+
+
 def test_length_and_repetition_penalties_grow():
     example = CASES["fact"][0]
     ideal = example["meta"]["ideal"]

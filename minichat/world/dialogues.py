@@ -104,7 +104,9 @@ def _fact_meta(ctx: _Ctx, entity, attr: str) -> dict:
     answer = ctx.world.value(entity, attr)
     return {"subject": entity.name, "attribute": attr, "kind": kind, "answer": answer,
             "distractors": [] if kind == "number" else
-            _distractors(ctx.world, attr, answer, entity.name)}
+            _distractors(ctx.world, attr, answer, entity.name),
+            # same-kind names: a reply about one of these instead is about the wrong subject
+            "other_subjects": [e.name for e in ctx.world.entities(entity.kind) if e.name != entity.name]}
 
 
 def _ask_fact(ctx: _Ctx, entity, attr: str) -> list[dict]:

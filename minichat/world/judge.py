@@ -297,10 +297,21 @@ def _ideal(example: dict) -> str:
     return example.get("ideal") or example["meta"]["ideal"]
 
 
+def _wrong_subject(meta: dict, toks: list[str]) -> bool:
+    """The reply names another entity of the subject's kind and never the subject itself
+    ("the damzimux does not have 4 legs" asked about skoliks): its facts are about something else."""
+    values = {meta.get("answer"), meta.get("false"), meta.get("wrong"), *meta.get("distractors", ())}
+    others = [o for o in meta.get("other_subjects", ()) if o not in values]  # a neighbour is a country too
+    return bool(others) and not has_phrase(toks, meta["subject"]) and any(has_phrase(toks, o) for o in others)
+
+
 def judge_breakdown(example: dict, reply: str, ended: bool = True) -> dict:
     """The score and its parts: content, penalties, and a short reason for the content."""
     meta = example["meta"]
-    content, reason = _CONTENT[example["family"]](meta, reply, tokens(reply))
+    toks = tokens(reply)
+    content, reason = _CONTENT[example["family"]](meta, reply, toks)
+    if content > -0.5 and _wrong_subject(meta, toks):
+        content, reason = -0.5, "about another subject"
     parts = {"content": float(content), "reason": reason,
              "length_penalty": length_penalty(reply, _ideal(example)),
              "repetition_penalty": repetition_penalty(reply),
