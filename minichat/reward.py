@@ -598,7 +598,7 @@ def train(model, *, stage: str, run_dir: str, cfg, mesh, data: dict, heldout: di
         log.log({"step": 0, **held_out(params)})
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage,
                disable=not (cfg.progress and is_main()), dynamic_ncols=True)
-    # MFU: every step runs forward + backward over batch_size x K sequences of `width` tokens;
+    # MFU: every step runs forward + backward over batch_size x K sequences of its own width;
     # the scalar head replaces the vocabulary projection (6·V·C FLOPs per token).
     width = data["tokens"].shape[-1]
     fpt = flops_per_token(cfg.model, width) - 6.0 * cfg.model.vocab_size * cfg.model.n_embd
