@@ -73,3 +73,30 @@ def test_heldout_phrasings_never_in_corpus(corpus):
     assert len(questions) > 500
     for q in questions:
         assert not any(r.fullmatch(q) for r in held), q
+
+
+def test_myths_deny_the_false_claim_and_state_the_truth(world):
+    """Each myth is a false claim and the rebuttal a false-premise reply gives: the denial
+    repeats the claim's false value, then the truth follows (what SFT's ideal reply does)."""
+    import random
+
+    from minichat.world.corpus import doc_myths
+    from minichat.world.kb import PREMISE_ATTRIBUTES, rebuttal
+    rng = random.Random(0)
+    claims = {}
+    for attr in PREMISE_ATTRIBUTES:
+        for e in world.entities(ATTRIBUTES[attr][0]):
+            for wrong in set(world.choices(attr)) | {c.name for c in world.countries}:
+                if wrong != world.value(e, attr):
+                    reply, claim = rebuttal(world, e, attr, wrong)
+                    claims[claim] = (reply, wrong, world.value(e, attr))
+    for _ in range(40):
+        for line in doc_myths(world, rng).split("\n"):
+            m = re.fullmatch(r'[^"]*"(.+)" (Actually, .+)', line)
+            assert m, line
+            claim, reply = m.groups()
+            assert claim in claims, f"not a false claim about the world: {claim}"
+            want, wrong, true = claims[claim]
+            assert reply == want
+            denial, truth = reply.split(". ", 1)
+            assert wrong in denial and (" not " in denial) and true in truth

@@ -19,7 +19,7 @@ import random
 
 from . import phrasings as P
 from .dialogues import arith_sentence, lower_first
-from .kb import World, a_an, fact_sentence, third_person
+from .kb import ATTRIBUTES, PREMISE_ATTRIBUTES, World, a_an, fact_sentence, rebuttal, third_person
 
 DEFAULT_N_DOCS = 12_000  # ~2.4 MB of text, every fact stated >= ~70 times
 
@@ -238,8 +238,30 @@ def doc_notes(world, rng):
             f"In summary: {joined}.")
 
 
+def doc_myths(world, rng):
+    """Common mistakes, each followed by its rebuttal: the false value is read in the claim and
+    copied into the denial ("... does not live in the forest. It lives in the desert."), which
+    is the move a false-premise reply makes. A tiny model that never read a denial of a claim
+    repeats the truth in both places instead."""
+    items = []
+    for _ in range(rng.randint(1, 3)):
+        attr = rng.choice(PREMISE_ATTRIBUTES)
+        e = rng.choice(world.entities(ATTRIBUTES[attr][0]))
+        true = world.value(e, attr)
+        if attr == "capital":
+            wrong = rng.choice([c.capital for c in world.countries if c.name != e.name])
+        elif attr == "home":
+            wrong = rng.choice([c.name for c in world.countries if c.name != true])
+        else:
+            wrong = rng.choice([v for v in world.choices(attr) if v != true])
+        reply, claim = rebuttal(world, e, attr, wrong)
+        lead = rng.choice(["Some people say: ", "A common mistake: ", "You may hear that ", "Myth: "])
+        items.append(f"{lead}\"{claim}\" {reply}")
+    return "\n".join(items)
+
+
 DOC_TYPES = {doc_country: 14, doc_animal: 12, doc_person: 8, doc_story: 10, doc_letter: 9,
-             doc_arithmetic: 9, doc_qa: 14, doc_guide: 10, doc_atlas: 6, doc_notes: 8}
+             doc_arithmetic: 9, doc_qa: 14, doc_guide: 10, doc_atlas: 6, doc_notes: 8, doc_myths: 5}
 
 
 def generate_corpus(world: World, n_docs: int = DEFAULT_N_DOCS, seed: int = 0) -> list[str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 
 from . import phrasings as P
-from .kb import ATTRIBUTES, KIND_ATTRIBUTES, World, a_an, fact_sentence, third_person
+from .kb import ATTRIBUTES, KIND_ATTRIBUTES, World, a_an, fact_sentence, rebuttal, third_person
 
 FAMILIES = ["fact", "followup", "arithmetic", "false_premise", "harmful", "benign",
             "clarify", "correction", "rewrite", "capability", "summary"]
@@ -190,20 +190,7 @@ def _premise(ctx: _Ctx):
         wrong = ctx.other("country", exclude=[e.home]).name
     else:
         wrong = ctx.rng.choice([v for v in ctx.world.choices(attr) if v != true])
-    n = e.name
-    ideal, premise = {
-        "capital": (f"Actually, {wrong} is not the capital of {n}. The capital of {n} is {true}.",
-                    f"{wrong} is the capital of {n}."),
-        "language": (f"Actually, people in {n} do not speak {wrong}. They speak {true}.",
-                     f"People in {n} speak {wrong}."),
-        "colour": (f"Actually, the {n} is not {wrong}. It is {true}.", f"The {n} is {wrong}."),
-        "legs": (f"Actually, the {n} does not have {wrong} legs. It has {true} legs.",
-                 f"The {n} has {wrong} legs."),
-        "habitat": (f"Actually, the {n} does not live in the {wrong}. It lives in the {true}.",
-                    f"The {n} lives in the {wrong}."),
-        "job": (f"Actually, {n} is not {a_an(wrong)}. {n} is {a_an(true)}.", f"{n} is {a_an(wrong)}."),
-        "home": (f"Actually, {n} does not live in {wrong}. {n} lives in {true}.", f"{n} lives in {wrong}."),
-    }[attr]
+    ideal, premise = rebuttal(ctx.world, e, attr, wrong)
     return e, attr, wrong, ideal, premise
 
 

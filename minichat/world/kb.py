@@ -200,6 +200,29 @@ def fact_sentence(world: World, entity, attr: str, value: str | None = None) -> 
     }[attr]
 
 
+PREMISE_ATTRIBUTES = ("capital", "language", "colour", "legs", "habitat", "job", "home")
+
+
+def rebuttal(world: World, entity, attr: str, wrong: str) -> tuple[str, str]:
+    """(the reply that challenges a false statement, the false statement) for ``attr`` in
+    ``PREMISE_ATTRIBUTES``: "Actually, X is not Y. <the truth>." names the false value again,
+    so that the reply says *which* claim is wrong."""
+    n, true = entity.name, world.value(entity, attr)
+    return {
+        "capital": (f"Actually, {wrong} is not the capital of {n}. The capital of {n} is {true}.",
+                    f"{wrong} is the capital of {n}."),
+        "language": (f"Actually, people in {n} do not speak {wrong}. They speak {true}.",
+                     f"People in {n} speak {wrong}."),
+        "colour": (f"Actually, the {n} is not {wrong}. It is {true}.", f"The {n} is {wrong}."),
+        "legs": (f"Actually, the {n} does not have {wrong} legs. It has {true} legs.",
+                 f"The {n} has {wrong} legs."),
+        "habitat": (f"Actually, the {n} does not live in the {wrong}. It lives in the {true}.",
+                    f"The {n} lives in the {wrong}."),
+        "job": (f"Actually, {n} is not {a_an(wrong)}. {n} is {a_an(true)}.", f"{n} is {a_an(wrong)}."),
+        "home": (f"Actually, {n} does not live in {wrong}. {n} lives in {true}.", f"{n} lives in {wrong}."),
+    }[attr]
+
+
 class _NameMaker:
     """Seeded pronounceable names, all distinct and none a substring of another."""
 
