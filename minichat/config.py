@@ -120,7 +120,10 @@ class RewardConfig:
     # often samples K identical replies; these extra completions give every ranking signal.
     with_ideal: bool = True
     n_flawed: int = 2
-    n_prompts: int = 1024  # prompts sampled for comparisons, per round
+    # Prompts sampled for comparisons, per round. Measured on the default run (same held-out
+    # set): 1024 -> 3072 took accuracy on held-out pairs whose gold differs from 0.52 to 0.68
+    # (pairwise 0.495 -> 0.539 against a 0.608 ceiling), for ~3.5 more CPU minutes.
+    n_prompts: int = 3072
     n_heldout: int = 256  # held-out prompts for RM evaluation
     # Held-out comparisons: fresh prompts and samples about the SFT entities ("train"), or
     # about held-out entities ("heldout"), where the policy itself rarely knows the answer.
