@@ -247,13 +247,7 @@ def doc_myths(world, rng):
     for _ in range(rng.randint(1, 3)):
         attr = rng.choice(PREMISE_ATTRIBUTES)
         e = rng.choice(world.entities(ATTRIBUTES[attr][0]))
-        true = world.value(e, attr)
-        if attr == "capital":
-            wrong = rng.choice([c.capital for c in world.countries if c.name != e.name])
-        elif attr == "home":
-            wrong = rng.choice([c.name for c in world.countries if c.name != true])
-        else:
-            wrong = rng.choice([v for v in world.choices(attr) if v != true])
+        wrong = rng.choice([v for v in world.choices(attr) if v != world.value(e, attr)])
         reply, claim = rebuttal(world, e, attr, wrong)
         lead = rng.choice(["Some people say: ", "A common mistake: ", "You may hear that ", "Myth: "])
         items.append(f"{lead}\"{claim}\" {reply}")
