@@ -62,7 +62,6 @@ __all__ = [
     "run",
     "load_reward_model",
     "score",
-    "load_comparison_files",
     "encode_comparisons",
     "batch_rewards",
     "batch_loss",
@@ -336,24 +335,20 @@ def tied_share(rows: list[dict]) -> float:
     return float(np.mean(ties)) if ties else float("nan")
 
 
-# ---- reading comparison files --------------------------------------------------------
-load_comparison_files = load_comparisons  # K-way or pairwise JSONL -> K-way rows (DataError on bad lines)
-
-
 def comparison_data(cfg, run_dir: str, stage: str) -> tuple[list[dict], list[dict]]:
     """(train, held-out) K-way rows: the user's files if given, else the stage's files."""
     rcfg = cfg.reward
     if rcfg.files:
-        rows = load_comparison_files(list(rcfg.files))
+        rows = load_comparisons(list(rcfg.files))
         if rcfg.heldout_files:
-            return rows, load_comparison_files(list(rcfg.heldout_files))
+            return rows, load_comparisons(list(rcfg.heldout_files))
         order = np.random.default_rng(cfg.seed).permutation(len(rows))
         n_val = max(1, int(round(len(rows) * rcfg.heldout_frac)))
         if len(rows) - n_val < 1:
             raise DataError(f"{rcfg.files}: {len(rows)} comparisons are too few to hold {n_val} out")
         return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
     train_path, heldout_path = comparison_paths(run_dir, stage)
-    return load_comparison_files([train_path]), load_comparison_files([heldout_path])
+    return load_comparisons([train_path]), load_comparisons([heldout_path])
 
 
 # ---- batches: one prompt = K rows [prompt | reply <|end|> | pad] -------------------------

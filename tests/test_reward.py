@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from minichat.checkpoint import Checkpointer, read_done
 from minichat.config import Config, ModelConfig, ParallelConfig
-from minichat.data import DataError, write_jsonl
+from minichat.data import DataError, load_comparisons, write_jsonl
 from minichat.model import GPT, ScalarGPT
 from minichat.parallel import make_mesh
 from minichat.reward import (
@@ -27,7 +27,6 @@ from minichat.reward import (
     encode_comparisons,
     epoch_batches,
     label,
-    load_comparison_files,
     load_reward_model,
     normalisation_bias,
     rm_loss,
@@ -211,14 +210,14 @@ def test_comparison_files_round_trip(tmp_path):
         assert [r["gold"][i] for i in r["ranking"]] == sorted(r["gold"], reverse=True)
     path = tmp_path / "kway.jsonl"
     write_jsonl(str(path), rows)
-    back = load_comparison_files([str(path)])
+    back = load_comparisons([str(path)])
     for a, b in zip(rows, back):
         for key in ("messages", "completions", "ranking", "gold", "ended", "family", "meta"):
             assert a[key] == b[key]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "family": "x"}) + "\n"
                      + json.dumps({"messages": PROMPTS[0]["messages"], "chosen": "a", "rejected": "b"}) + "\n")
-    p = load_comparison_files([str(pairs)])
+    p = load_comparisons([str(pairs)])
     assert p[0]["completions"] == ["Hello.", "Go away."] and p[0]["ranking"] == [0, 1]
     assert p[0]["messages"] == [{"role": "user", "content": "Hi?"}] and p[0]["family"] == "x"
 
@@ -240,7 +239,7 @@ def test_bad_comparison_line_names_file_line_and_reason(tmp_path, line, reason):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n" + line + "\n")
     with pytest.raises(DataError, match=reason) as e:
-        load_comparison_files([str(path)])
+        load_comparisons([str(path)])
     assert f"{path}:3:" in str(e.value)
 
 
@@ -319,7 +318,7 @@ def test_comparisons_then_reward_from_a_policy(tmp_path, tok):
                    batch_size=4, eval_every=2, checkpoint_every=2)
     mesh = one_device_mesh()
     s = run_comparisons(cfg, str(tmp_path), tok, mesh, policy_stage="sft", stage="comparisons_r9")
-    rows = load_comparison_files([s["train"]["path"]])
+    rows = load_comparisons([s["train"]["path"]])
     # 4 policy samples, then the demonstration, then 2 of the world's flawed replies
     assert len(rows) == 16 and all(len(r["completions"]) == 7 and len(r["gold"]) == 7 for r in rows)
     raw = [json.loads(line) for line in open(s["train"]["path"])]
