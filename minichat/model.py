@@ -475,9 +475,11 @@ class ScalarGPT(nnx.Module):
         nnx.update(model.transformer, trunk)
         return model
 
-    def __call__(self, tokens, mask=None, *, deterministic=True):
-        """(B, T) float32: the head applied to every position's final hidden state."""
-        hidden = self.transformer.hidden_states(tokens, mask, deterministic=deterministic)
+    def __call__(self, tokens, mask=None, *, segments=None, deterministic=True):
+        """(B, T) float32: the head applied to every position's final hidden state.
+        `segments`: packed sequences, as in `GPT.__call__`."""
+        hidden = self.transformer.hidden_states(tokens, mask, segments=segments,
+                                                deterministic=deterministic)
         return self.head(hidden)[..., 0].astype(jnp.float32)
 
 

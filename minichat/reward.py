@@ -28,7 +28,8 @@ The stage (below the losses)
   (``<stage>/comparisons_{train,heldout}.jsonl``, with ``gold``/``ended``/``family``/``meta``).
 * ``run(cfg, run_dir, tok, mesh, stage="reward", comparisons_stage="comparisons")``: the
   RM = SFT trunk + scalar head (``ScalarGPT.from_gpt``), one epoch of ``rm_loss`` with a
-  decaying learning rate, batches of (B, K, T) right-padded [prompt | reply | <|end|>] rows;
+  decaying learning rate, the [prompt | reply | <|end|>] sequences of each batch ``pack``ed
+  end to end into rows;
   then the normalisation bias, the held-out evaluation (pairwise accuracy beside the labelers'
   agreement ceiling, per family; Spearman with the gold judge) and plots. Users' K-way or
   pairwise files (``reward.files``) replace the sampled comparisons.
@@ -405,8 +406,56 @@ def score(model, tokens: jax.Array, mask: jax.Array, bias=0.0) -> jax.Array:
     return gather_at(values, last_token_index(mask)) + jnp.asarray(bias, jnp.float32)
 
 
+def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1) -> dict:
+    """Right-padded sequences (..., T) laid end to end in rows of T tokens.
+
+    Returns {"tokens", "mask", "segments"} (R, T), segment ids unique per sequence (0 =
+    padding), and "ends" (...,), the flat index ``row * T + column`` of each sequence's last
+    token, where its reward is read (0 for an empty sequence). A comparison batch is mostly
+    padding: replies of ten to twenty tokens padded to the longest prompt + reply of the
+    batch (a `repetition` flaw, a long summary); ChatWorld's batches are a third real
+    tokens. Packed with segment ids, each sequence attends only to itself and its positions
+    restart at 0 (`GPT.hidden_states`), so it gets the reward it would get alone
+    (tests/test_reward.py). First fit decreasing; R is rounded up to `row_multiple` so that
+    the steps share few shapes (few compiles).
+    """
+    T = tokens.shape[-1]
+    flat_t, flat_m = tokens.reshape(-1, T), mask.reshape(-1, T) != 0
+    lengths = flat_m.sum(-1)
+    if (flat_m != (np.arange(T) < lengths[:, None])).any():
+        raise ValueError("pack: every sequence must be right-padded (real tokens first)")
+    free: list[int] = []  # free columns left in each row
+    where = np.zeros((len(lengths), 2), np.int64)  # (row, first column) of each sequence
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        if n == 0:
+            break  # sorted by decreasing length: only empty sequences are left
+        j = next((j for j, f in enumerate(free) if f >= n), len(free))
+        if j == len(free):
+            free.append(T)
+        where[i] = (j, T - free[j])
+        free[j] -= n
+    R = max(-(-len(free) // row_multiple), 1) * row_multiple
+    out = {"tokens": np.zeros((R, T), flat_t.dtype), "mask": np.zeros((R, T), np.int32),
+           "segments": np.zeros((R, T), np.int32)}
+    ends = np.zeros(len(lengths), np.int32)
+    for i, n in enumerate(lengths):
+        if n:
+            r, c = where[i]
+            out["tokens"][r, c:c + n] = flat_t[i, :n]
+            out["mask"][r, c:c + n] = 1
+            out["segments"][r, c:c + n] = i + 1
+            ends[i] = r * T + c + n - 1
+    out["ends"] = ends.reshape(tokens.shape[:-1])
+    return out
+
+
 def batch_rewards(model, batch: dict) -> jax.Array:
-    """(B, K) rewards of a (B, K, T) comparison batch (K rows per prompt, one forward)."""
+    """(B, K) rewards of a comparison batch (K rows per prompt, one forward): (B, K, T)
+    right-padded rows, or the same `pack`ed (then with "segments" and "ends")."""
+    if "ends" in batch:
+        values = model(batch["tokens"], batch["mask"], segments=batch["segments"])
+        return values.reshape(-1)[batch["ends"]]
     B, K, T = batch["tokens"].shape
     r = score(model, batch["tokens"].reshape(B * K, T), batch["mask"].reshape(B * K, T))
     return r.reshape(B, K)
@@ -437,25 +486,24 @@ def make_step(graphdef, tx, rest=None):
 
 
 class Scorer:
-    """Rewards of many (T,)-wide sequences in fixed-size chunks: one compile in all."""
+    """Rewards of many right-padded (T,)-wide sequences, `pack`ed and scored in chunks of
+    `rows_per_call` rows: one compile in all."""
 
     def __init__(self, graphdef, rest, rows_per_call: int, mesh):
         from flax import nnx
         rest = () if rest is None else (rest,)
-        self.fn = jax.jit(lambda p, t, m: score(nnx.merge(graphdef, p, *rest), t, m))
+        self.fn = jax.jit(lambda p, t, m, s: nnx.merge(graphdef, p, *rest)(t, m, segments=s))
         self.rows, self.mesh = rows_per_call, mesh
 
     def __call__(self, params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         from minichat.parallel import gather, shard_batch
-        flat_t, flat_m = tokens.reshape(-1, tokens.shape[-1]), mask.reshape(-1, mask.shape[-1])
-        out = []
-        for i in range(0, len(flat_t), self.rows):
-            t, m = flat_t[i:i + self.rows], flat_m[i:i + self.rows]
-            n = len(t)
-            pad = ((0, self.rows - n), (0, 0))
-            b = shard_batch({"t": np.pad(t, pad), "m": np.pad(m, pad)}, self.mesh)
-            out.append(gather(self.fn(params, b["t"], b["m"]))[:n])
-        return np.concatenate(out).reshape(tokens.shape[:-1])
+        packed = pack(tokens, mask, self.rows)
+        values = []
+        for i in range(0, len(packed["tokens"]), self.rows):
+            b = shard_batch({k: packed[k][i:i + self.rows] for k in ("tokens", "mask", "segments")},
+                            self.mesh)
+            values.append(gather(self.fn(params, b["tokens"], b["mask"], b["segments"])))
+        return np.concatenate(values).reshape(-1)[packed["ends"]]
 
 
 # ---- evaluation metrics (NumPy) ----------------------------------------------------------
@@ -540,7 +588,7 @@ def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[np.nd
     Batches are NOT grouped by length: sorting prompts by length within groups of batches
     (to cut padding further) made batches family-homogeneous, and the reward model then
     ranked across prompts measurably worse (Spearman 0.75 against 0.8+ on the synthetic
-    preference of tests/test_reward.py). Each batch is still cut to its own width.
+    preference of tests/test_reward.py). Each batch is `pack`ed instead.
     """
     out = []
     per_epoch = max(-(-n // batch_size), 1)
@@ -548,12 +596,6 @@ def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[np.nd
         order = np.resize(np.random.default_rng([seed, e]).permutation(n), per_epoch * batch_size)
         out += [order[i * batch_size:(i + 1) * batch_size] for i in range(per_epoch)]
     return out
-
-
-def batch_width(mask: np.ndarray, multiple: int = 32) -> int:
-    """Columns a right-padded batch needs, rounded up to `multiple` (few shapes, few compiles)."""
-    longest = int(np.max(np.nonzero(mask.reshape(-1, mask.shape[-1]).any(0))[0], initial=0)) + 1
-    return min(mask.shape[-1], -(-longest // multiple) * multiple)
 
 
 def train(model, *, stage: str, run_dir: str, cfg, mesh, data: dict, heldout: dict, scorer_rows: int,
@@ -598,10 +640,10 @@ def train(model, *, stage: str, run_dir: str, cfg, mesh, data: dict, heldout: di
     width = data["tokens"].shape[-1]
     fpt = flops_per_token(cfg.model, width) - 6.0 * cfg.model.vocab_size * cfg.model.n_embd
     peak, t0, n_tokens = device_peak_flops(cfg.parallel.peak_flops), time.perf_counter(), 0
+    row_multiple = math.lcm(4, mesh_size(mesh))  # few shapes; rows split evenly over devices
     for step in bar:
         batch = {k: v[batches[step]] for k, v in data.items()}
-        w = batch_width(batch["mask"])  # right padding: the columns after w are all padding
-        batch["tokens"], batch["mask"] = batch["tokens"][..., :w], batch["mask"][..., :w]
+        batch.update(pack(batch.pop("tokens"), batch.pop("mask"), row_multiple))
         params, opt_state, m = step_fn(params, opt_state, shard_batch(batch, mesh))
         loss = to_host(m["loss"])
         if not math.isfinite(loss):

@@ -22,13 +22,13 @@ from minichat.parallel import make_mesh
 from minichat.reward import (
     Scorer,
     batch_loss,
-    batch_width,
     batch_rewards,
     encode_comparisons,
     epoch_batches,
     label,
     load_reward_model,
     normalisation_bias,
+    pack,
     rm_loss,
     run,
     run_comparisons,
@@ -165,14 +165,49 @@ def test_batch_loss_is_rm_loss_of_each_sequence_scored_alone(tok, rm):
     assert int(metrics["num_pairs"]) == 3 + 1
 
 
-def test_batch_cut_to_its_width_gives_the_same_loss(tok, rm):
-    rows = kway_rows([3, 2])
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 24), min_size=1, max_size=30), st.integers(1, 4))
+def test_pack_places_every_sequence_whole_and_once(lengths, row_multiple):
+    T = 24
+    mask = (np.arange(T) < np.array(lengths)[:, None]).astype(np.int32)
+    tokens = np.where(mask, np.arange(1, len(lengths) + 1)[:, None] * 100 + np.arange(T), 0)
+    p = pack(tokens.reshape(len(lengths), 1, T), mask.reshape(len(lengths), 1, T), row_multiple)
+    R = len(p["tokens"])
+    assert p["tokens"].shape == p["mask"].shape == p["segments"].shape == (R, T)
+    assert R % row_multiple == 0 and p["ends"].shape == (len(lengths), 1)
+    assert p["mask"].sum() == sum(lengths)  # every real token placed, none twice
+    flat = p["tokens"].reshape(-1)
+    for i, n in enumerate(lengths):
+        if n:  # the whole sequence, in order, in one row, ending at `ends`
+            e = int(p["ends"][i, 0])
+            assert e // T == (e - n + 1) // T
+            np.testing.assert_array_equal(flat[e - n + 1:e + 1], tokens[i, :n])
+            assert (p["segments"].reshape(-1)[e - n + 1:e + 1] == i + 1).all()
+    # first fit decreasing never needs more rows than twice the tokens' share, plus one
+    assert R <= row_multiple * -(-max(1, 2 * -(-sum(lengths) // T) + 1) // row_multiple)
+
+
+def test_pack_rejects_left_padding():
+    with pytest.raises(ValueError, match="right-padded"):
+        pack(np.ones((1, 4), np.int32), np.array([[0, 1, 1, 1]]))
+
+
+def test_packed_batch_gives_the_padded_rewards_loss_and_gradient(tok, rm):
+    rows = kway_rows([3, 2, 4])
     d = encode_comparisons(tok, rows, 192)
-    w = batch_width(d["mask"])
-    assert w < 192 and w % 32 == 0 and d["mask"][..., w:].sum() == 0 and d["mask"][..., w - 32:].sum() > 0
-    cut = {**d, "tokens": d["tokens"][..., :w], "mask": d["mask"][..., :w]}
-    full, _ = batch_loss(rm, {k: jnp.asarray(v) for k, v in d.items()})
-    np.testing.assert_allclose(batch_loss(rm, {k: jnp.asarray(v) for k, v in cut.items()})[0], full, rtol=1e-5)
+    packed = {**{k: d[k] for k in ("ranking", "valid")}, **pack(d["tokens"], d["mask"])}
+    assert len(packed["tokens"]) < d["valid"].sum()  # the point of packing: fewer rows
+    padded_r, packed_r = batch_rewards(rm, d), batch_rewards(rm, packed)
+    np.testing.assert_allclose(np.where(d["valid"], packed_r, 0), np.where(d["valid"], padded_r, 0), atol=1e-5)
+    graphdef, params = nnx.split(rm)
+
+    def loss(p, batch):
+        return batch_loss(nnx.merge(graphdef, p), {k: jnp.asarray(v) for k, v in batch.items()})[0]
+
+    (l1, g1), (l2, g2) = jax.value_and_grad(loss)(params, d), jax.value_and_grad(loss)(params, packed)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-3)
 
 
 @settings(max_examples=25)
