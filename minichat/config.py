@@ -142,6 +142,9 @@ class RewardConfig:
     heldout_frac: float = 0.1  # share of `files` held out when `heldout_files` is empty
     n_norm: int = 256  # SFT demonstrations scored to set the normalisation bias
     sample_batch_size: int = 128  # rows per sampling call (fixed shape: one compile)
+    # Round r > 1 (`rounds`): go on training the previous round's reward model on the new
+    # comparisons (True), or train a fresh one from SFT on them alone (False).
+    continue_rounds: bool = True
 
 
 @dataclass

@@ -388,10 +388,13 @@ def encode_comparisons(tok, rows: list[dict], width: int) -> dict:
 
 
 def sequence_width(tok, rows: list[dict], block_size: int) -> int:
-    """Longest prompt + reply + end, rounded up to 16, capped at the context."""
+    """Longest prompt + reply + end, rounded up to the attention's query block (64: causal
+    attention then skips its masked half; the batches are `pack`ed, so a wider row simply
+    holds more sequences), capped at the context."""
+    from minichat.model import QUERY_BLOCK
     longest = max(len(tok.render_prompt(r["messages"])) + len(tok.render_reply(c)) + 1
                   for r in rows for c in r["completions"])
-    return int(min(block_size, -(-longest // 16) * 16))
+    return int(min(block_size, -(-longest // QUERY_BLOCK) * QUERY_BLOCK))
 
 
 # ---- the reward: the scalar head read at the reply's end token --------------------------
@@ -734,7 +737,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", stage: str =
         comparisons_stage: str = "comparisons", init_stage: str = "sft") -> dict:
     """Stage `reward`: train the RM on `comparisons_stage`'s rankings (sampled first from
     `policy_stage` if missing), normalise it on the demonstrations, evaluate it held out."""
-    from minichat.checkpoint import is_done, mark_done, restore_params, stage_dir
+    from minichat.checkpoint import is_done, mark_done, read_done, restore_params, stage_dir
     from minichat.evaluate import plot_curves
     from minichat.model import GPT, ScalarGPT
     from minichat.parallel import batch_divisor
@@ -756,8 +759,13 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", stage: str =
     print(f"[{stage}] {len(train_rows):,} prompts ({n_pairs:,} pairs) for training, "
           f"{len(heldout_rows):,} held out; sequences of {width} tokens")
 
-    sft = restore_params(run_dir, init_stage, GPT.init(cfg.model, cfg.seed), cfg.model)
-    model = ScalarGPT.from_gpt(sft, cfg.seed + 1)  # fresh head N(0, 1/sqrt(d+1)), bias 0
+    if is_done(run_dir, init_stage) and "bias" in read_done(run_dir, init_stage):
+        # a later RLHF round: go on from the previous reward model (its raw head; the
+        # normalisation bias is recomputed after training)
+        model, _ = load_reward_model(run_dir, cfg, init_stage)
+    else:
+        sft = restore_params(run_dir, init_stage, GPT.init(cfg.model, cfg.seed), cfg.model)
+        model = ScalarGPT.from_gpt(sft, cfg.seed + 1)  # fresh head N(0, 1/sqrt(d+1)), bias 0
     t_train = time.perf_counter()
     model, bias, rows, rewards = train(
         model, stage=stage, run_dir=run_dir, cfg=cfg, mesh=mesh, data=data, heldout=heldout,

@@ -73,21 +73,23 @@ def pipeline(cfg) -> list[tuple[str, Callable]]:
     """The stages of the recipe in order, RLHF rounds expanded.
 
     Round r samples comparisons from the current policy (SFT in round 1, then the previous
-    round's PPO policy), retrains the reward model on them, and runs PPO from that policy,
-    always with the SFT model as the KL reference (InstructGPT)."""
+    round's PPO policy), trains the reward model on them (going on from the previous
+    round's with `reward.continue_rounds`, else afresh from SFT), and runs PPO from that
+    policy, always with the SFT model as the KL reference (InstructGPT)."""
     from minichat import evaluate, ppo, pretrain, reward, sft
 
     stages = [("tokenizer", run_tokenizer), ("pretrain", pretrain.run), ("sft", sft.run)]
-    policy = "sft"
+    policy, rm_init = "sft", "sft"
     for r in range(1, cfg.rounds + 1):
         sfx = round_suffix(r)
         stages += [
             (f"comparisons{sfx}", partial(reward.run_comparisons, policy_stage=policy, stage=f"comparisons{sfx}")),
             (f"reward{sfx}", partial(reward.run, policy_stage=policy, stage=f"reward{sfx}",
-                                     comparisons_stage=f"comparisons{sfx}")),
+                                     comparisons_stage=f"comparisons{sfx}", init_stage=rm_init)),
             (f"ppo{sfx}", partial(ppo.run, policy_stage=policy, reward_stage=f"reward{sfx}", stage=f"ppo{sfx}")),
         ]
         policy = f"ppo{sfx}"
+        rm_init = f"reward{sfx}" if cfg.reward.continue_rounds else "sft"
     return stages + [("report", evaluate.run_report)]
 
 

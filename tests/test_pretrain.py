@@ -124,6 +124,24 @@ def cli(args, cwd, env=None, check=True):
     return proc
 
 
+@pytest.mark.parametrize("continue_rounds", [True, False])
+def test_rounds_expand_the_pipeline_each_from_the_current_policy(continue_rounds):
+    from minichat.config import Config
+    from minichat.train import pipeline
+    cfg = Config(rounds=3)
+    cfg.reward.continue_rounds = continue_rounds
+    stages = pipeline(cfg)
+    assert [name for name, _ in stages] == [
+        "tokenizer", "pretrain", "sft", "comparisons", "reward", "ppo", "comparisons_r2", "reward_r2",
+        "ppo_r2", "comparisons_r3", "reward_r3", "ppo_r3", "report"]
+    kw = {name: fn.keywords for name, fn in stages if hasattr(fn, "keywords")}
+    assert [kw[s]["policy_stage"] for s in ("comparisons", "comparisons_r2", "comparisons_r3")] == ["sft", "ppo", "ppo_r2"]
+    assert [kw[s]["policy_stage"] for s in ("ppo", "ppo_r2", "ppo_r3")] == ["sft", "ppo", "ppo_r2"]
+    assert [kw[s]["reward_stage"] for s in ("ppo", "ppo_r2", "ppo_r3")] == ["reward", "reward_r2", "reward_r3"]
+    inits = [kw[s]["init_stage"] for s in ("reward", "reward_r2", "reward_r3")]
+    assert inits == (["sft", "reward", "reward_r2"] if continue_rounds else ["sft"] * 3)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.n_layer=abc", "model.n_layer=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     ("model.nlayer=2", "Key 'nlayer' not in 'ModelConfig'"),

@@ -366,3 +366,10 @@ def test_comparisons_then_reward_from_a_policy(tmp_path, tok):
     summary = run(cfg, str(tmp_path), tok, mesh, stage="reward_r9", comparisons_stage="comparisons_r9")
     assert summary["steps"] == 4 and summary["pairs"] == 8 * 6
     assert {"bias", "accuracy", "ceiling", "spearman", "families", "plots", "report_md"} <= set(summary)
+    # a later RLHF round goes on from this reward model (reward.continue_rounds)
+    run(cfg, str(tmp_path), tok, mesh, stage="reward_r10", comparisons_stage="comparisons_r9",
+        init_stage="reward_r9")
+    first = [json.loads(x) for x in open(tmp_path / "reward_r9" / "metrics.jsonl")]
+    second = [json.loads(x) for x in open(tmp_path / "reward_r10" / "metrics.jsonl")]
+    assert second[0]["step"] == 0 and second[0]["eval_loss"] == pytest.approx(first[-1]["eval_loss"], abs=1e-5)
+    assert first[0]["eval_loss"] != pytest.approx(first[-1]["eval_loss"], abs=1e-5)  # it did train
