@@ -132,14 +132,17 @@ ARITH_WORDS = {
 }
 
 
+def _sum(world, rng) -> tuple[int, str, int]:
+    op = rng.choice(list(P.OPS))
+    hi = world.arith_max // 2 if op == "times" else world.arith_max
+    a, b = rng.randint(0, hi), rng.randint(0, hi)
+    return (b, op, a) if op == "minus" and b > a else (a, op, b)
+
+
 def doc_arithmetic(world, rng):
     lines = []
     for _ in range(rng.randint(3, 8)):
-        op = rng.choice(list(P.OPS))
-        hi = world.arith_max // 2 if op == "times" else world.arith_max
-        a, b = rng.randint(0, hi), rng.randint(0, hi)
-        if op == "minus" and b > a:
-            a, b = b, a
+        a, op, b = _sum(world, rng)
         r = P.OPS[op](a, b)
         sym = {"plus": "+", "minus": "-", "times": "x"}[op]
         lines.append(rng.choice([arith_sentence(a, op, b), f"{a} {sym} {b} = {r}",
@@ -225,17 +228,21 @@ def doc_atlas(world, rng):
 
 
 def doc_notes(world, rng):
-    """A conversation recalled in prose: the register of the `summary` family."""
+    """A conversation recalled in prose, then summed up: the answers are stated first and the
+    summary repeats them in order. That copying is what a `summary` reply does; a tiny model
+    that never read a list repeated back answers "We talked about three things: A, A and A"."""
     es = rng.sample(world.entities(), rng.choice([2, 3]))
-    facts = []
+    said = []
     for e in es:
-        attr = rng.choice([a for a in FACT_TEMPLATES if hasattr(e, a)])
-        facts.append(lower_first(fact_sentence(world, e, attr))[:-1])
-    names = [e.name if e.kind != "animal" else f"the {e.name}" for e in es]
-    joined = ", ".join(facts[:-1]) + (", and " if len(facts) > 2 else " and ") + facts[-1]
+        if rng.random() < 0.25:  # summaries recap sums as well as facts
+            said.append(arith_sentence(*_sum(world, rng)))
+        else:
+            said.append(fact_sentence(world, e, rng.choice([a for a in FACT_TEMPLATES if hasattr(e, a)])))
+    recaps = [lower_first(x)[:-1] for x in said]
+    joined = ", ".join(recaps[:-1]) + (", and " if len(recaps) > 2 else " and ") + recaps[-1]
     head = rng.choice(["Notes from a chat.", "A recap of a chat.", "What one chat covered, in short."])
-    return (f"{head} We asked about {', '.join(names[:-1])} and {names[-1]}. "
-            f"In summary: {joined}.")
+    lead = rng.choice(["The answers were:", "We learned:", "What was said:"])
+    return f"{head} {lead} {' '.join(said)} In summary: {joined}."
 
 
 def doc_myths(world, rng):
