@@ -173,6 +173,28 @@ def lm_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, seed:
     return stream[offsets]
 
 
+def first_fit(lengths: Sequence[int], width: int, window: int | None = None) -> tuple[np.ndarray, int]:
+    """Sequences of `lengths` (each <= width), in the order given, placed end to end into
+    rows of `width` tokens: ((N, 2) array of each one's (row, first column), rows used).
+
+    Each goes into the first row with room for it among the last `window` rows opened (all
+    rows when None; a small window keeps packing thousands of sequences linear); zero-length
+    sequences are not placed (row and column 0).
+    """
+    free: list[int] = []  # free columns left in each row
+    where = np.zeros((len(lengths), 2), np.int64)
+    for i, n in enumerate(lengths):
+        if n <= 0:
+            continue
+        lo = 0 if window is None else max(0, len(free) - window)
+        j = next((j for j in range(lo, len(free)) if free[j] >= n), len(free))
+        if j == len(free):
+            free.append(width)
+        where[i] = (j, width - free[j])
+        free[j] -= n
+    return where, len(free)
+
+
 def pad_rows(rows: Sequence[Sequence[int]], length: int, pad: int, *, left: bool = False) -> np.ndarray:
     out = np.full((len(rows), length), pad, dtype=np.int32)
     for r, row in enumerate(rows):

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minichat.data import DataError, load_comparisons, write_jsonl
+from minichat.data import DataError, first_fit, load_comparisons, write_jsonl
 
 __all__ = [
     "rm_loss",
@@ -427,18 +427,10 @@ def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1) -> dict:
     lengths = flat_m.sum(-1)
     if (flat_m != (np.arange(T) < lengths[:, None])).any():
         raise ValueError("pack: every sequence must be right-padded (real tokens first)")
-    free: list[int] = []  # free columns left in each row
+    order = np.argsort(-lengths, kind="stable")  # longest first
     where = np.zeros((len(lengths), 2), np.int64)  # (row, first column) of each sequence
-    for i in np.argsort(-lengths, kind="stable"):
-        n = int(lengths[i])
-        if n == 0:
-            break  # sorted by decreasing length: only empty sequences are left
-        j = next((j for j, f in enumerate(free) if f >= n), len(free))
-        if j == len(free):
-            free.append(T)
-        where[i] = (j, T - free[j])
-        free[j] -= n
-    R = max(-(-len(free) // row_multiple), 1) * row_multiple
+    where[order], rows = first_fit(lengths[order], T)
+    R = max(-(-rows // row_multiple), 1) * row_multiple
     out = {"tokens": np.zeros((R, T), flat_t.dtype), "mask": np.zeros((R, T), np.int32),
            "segments": np.zeros((R, T), np.int32)}
     ends = np.zeros(len(lengths), np.int32)

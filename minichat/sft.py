@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from minichat.checkpoint import mark_done, restore_params, stage_dir
-from minichat.data import epoch_batch_indices, lm_batch, load_conversations, pad_rows
+from minichat.data import epoch_batch_indices, first_fit, lm_batch, load_conversations, pad_rows
 from minichat.parallel import batch_divisor
 from minichat.pretrain import fit
 
@@ -99,18 +99,10 @@ def pack_conversations(tok, convs: list[dict], block_size: int, seed: int = 0) -
     rendered = _render(tok, convs, block_size)
     width = _width(rendered, block_size)
     order = np.random.default_rng(seed).permutation(len(rendered))
-    rows: list[list[int]] = []  # conversation indices per row
-    free: list[int] = []  # free slots per row
-    for i in order:
-        n = min(len(rendered[i][0]), width)
-        # first fit among the last few open rows keeps this linear and the rows full
-        j = next((j for j in range(max(0, len(rows) - 8), len(rows)) if free[j] >= n), None)
-        if j is None:
-            rows.append([])
-            free.append(width)
-            j = len(rows) - 1
-        rows[j].append(i)
-        free[j] -= n
+    where, n_rows = first_fit([min(len(rendered[i][0]), width) for i in order], width, window=8)
+    rows: list[list[int]] = [[] for _ in range(n_rows)]  # conversation indices per row
+    for i, (r, _) in zip(order, where):
+        rows[r].append(i)
     out = {"tokens": np.full((len(rows), width), tok.pad_id, np.int32),
            "valid": np.zeros((len(rows), width), np.int32),
            "loss_mask": np.zeros((len(rows), width), np.int32),

@@ -5,8 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from minichat.data import (DataError, epoch_batch_indices, lm_batch, load_comparisons, load_conversations,
-                           load_prompts, load_texts, pack_documents, pad_rows)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minichat.data import (DataError, epoch_batch_indices, first_fit, lm_batch, load_comparisons,
+                           load_conversations, load_prompts, load_texts, pack_documents, pad_rows)
 
 
 def write(tmp_path, name, lines):
@@ -83,3 +86,26 @@ def test_epoch_indices_cover_each_example_once_per_epoch():
 def test_pad_rows_left_and_right():
     assert pad_rows([[1, 2], [3]], 3, 0).tolist() == [[1, 2, 0], [3, 0, 0]]
     assert pad_rows([[1, 2], [3]], 3, 0, left=True).tolist() == [[0, 1, 2], [0, 0, 3]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 16), max_size=40), st.sampled_from([None, 1, 3]))
+def test_first_fit_places_sequences_without_overlap_in_the_first_row_with_room(lengths, window):
+    width = 16
+    where, rows = first_fit(lengths, width, window)
+    grid = np.zeros((max(rows, 1), width), int)
+    free, opened = [], []
+    for i, ((r, c), n) in enumerate(zip(where, lengths)):
+        if n == 0:
+            continue
+        assert 0 <= r < rows and c + n <= width
+        grid[r, c:c + n] += 1
+        # the reference: the first of the last `window` rows with room, else a new row
+        lo = 0 if window is None else max(0, len(free) - window)
+        want = next((j for j in range(lo, len(free)) if free[j] >= n), len(free))
+        if want == len(free):
+            free.append(width)
+        assert r == want and c == width - free[want]
+        free[want] -= n
+    assert grid.max(initial=0) <= 1 and grid.sum() == sum(lengths)  # no overlap, nothing lost
+    assert rows == len(free)
