@@ -156,10 +156,12 @@ class PPOConfig:
     epochs: int = 4  # PPO epochs over each rollout batch
     temperature: float = 0.7
     max_new_tokens: int = 48
-    # beta, the KL penalty (initial value if adaptive). Measured on the default run against a
-    # weak reward model: 0.05 over-optimised it (held-out gold -0.18 vs SFT, KL 4 nats), 0.2
-    # keeps PPO within noise of SFT (KL 2 nats). Ziegler et al. start at 0.15.
-    kl_coef: float = 0.2
+    # beta, the KL penalty (initial value if adaptive). Measured on default runs (docs 04,
+    # section 9): 0.05 over-optimised a weak reward model (held-out gold -0.18 vs SFT, KL 4
+    # nats); 0.2 stayed within noise of SFT on most reward models but let a more exploitable
+    # one run to KL 3.7 nats (-0.145); 0.5 held that one near KL 1 (sampled +0.055 and +0.038
+    # over two seeds, greedy +0.008 / -0.017); 1.0 held it at KL 0.2 and gained nothing.
+    kl_coef: float = 0.5
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller
     kl_target: float = 6.0
     kl_horizon: int = 10000
