@@ -4,10 +4,16 @@ same run.
 
     python benchmarks/bench_reward.py                 # 16 pairs x 64 tokens, tiny GPT-2
     python benchmarks/bench_reward.py --k 4 --prompts 16 --seq 144   # the tiny stage's shape
+    python benchmarks/bench_reward.py --k 7 --seq 192 --lengths chatworld --pack
+                                      # the stage's batches: ChatWorld lengths, packed
 
 Shape: `--prompts` prompts x `--k` completions x `--seq` tokens (K = 2: pairs), right
 padded with random lengths in [seq/2, seq], on the tiny preset (4 layers, 4 heads, 128 wide,
-vocab 2048, 256 positions).
+vocab 2048, 256 positions). `--lengths chatworld` draws lengths like the reward stage's
+comparisons instead: one prompt length per prompt (mean ~28 tokens, up to 100) plus a reply
+length per completion (mean ~20, up to 91), as measured on the default run. `--pack` lays
+minichat's sequences end to end (`minichat.reward.pack`, what the stage does); the peer,
+like TRL's collator, pads every row to the longest sequence of the batch.
 
 The peer is what TRL's `RewardTrainer` runs per step (Hugging Face
 `GPT2ForSequenceClassification` with one label, chosen and rejected concatenated into one
@@ -38,23 +44,31 @@ from flax import nnx
 from minichat.config import ModelConfig, OptimConfig
 from minichat.model import ScalarGPT
 from minichat.pretrain import make_optimizer
-from minichat.reward import make_step
+from minichat.reward import make_step, pack
 
 TINY = ModelConfig(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128)
 TRL_REFERENCE_S = 0.12
 
 
-def make_batch(prompts: int, k: int, seq: int, seed: int = 0) -> dict:
+def make_batch(prompts: int, k: int, seq: int, seed: int = 0, lengths: str = "uniform") -> dict:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(6, TINY.vocab_size, size=(prompts, k, seq)).astype(np.int32)
-    lengths = rng.integers(seq // 2, seq + 1, size=(prompts, k))
+    if lengths == "chatworld":  # lognormal fits of the default run's prompt / reply lengths
+        prompt = np.clip(np.round(rng.lognormal(np.log(25), 0.45, (prompts, 1))), 6, 100)
+        reply = np.clip(np.round(rng.lognormal(np.log(17), 0.6, (prompts, k))), 3, 91)
+        lengths = np.minimum(prompt + reply, seq).astype(int)
+    else:
+        lengths = rng.integers(seq // 2, seq + 1, size=(prompts, k))
     mask = (np.arange(seq)[None, None, :] < lengths[..., None]).astype(np.int32)
     tokens = np.where(mask > 0, tokens, 0)
     ranking = np.stack([rng.permutation(k) for _ in range(prompts)]).astype(np.int32)
     return {"tokens": tokens, "mask": mask, "ranking": ranking, "valid": np.ones((prompts, k), bool)}
 
 
-def jax_runner(batch: dict, steps: int):
+def jax_runner(batch: dict, steps: int, packed: bool = False):
+    if packed:
+        batch = {"ranking": batch["ranking"], "valid": batch["valid"],
+                 **pack(batch["tokens"], batch["mask"], row_multiple=4)}
     model = ScalarGPT.init(TINY, 0)
     graphdef, params = nnx.split(model, nnx.Param)
     tx, _ = make_optimizer(OptimConfig(lr=3e-4, warmup_steps=0), 1000)
@@ -82,9 +96,10 @@ def torch_runner(batch: dict, steps: int):
     model = GPT2ForSequenceClassification(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    P, K, T = batch["tokens"].shape
-    ids = torch.from_numpy(batch["tokens"].reshape(P * K, T).astype(np.int64))
-    att = torch.from_numpy(batch["mask"].reshape(P * K, T).astype(np.int64))
+    P, K, _ = batch["tokens"].shape
+    T = int(batch["mask"].sum(-1).max())  # padded to the longest sequence, as TRL's collator
+    ids = torch.from_numpy(batch["tokens"][..., :T].reshape(P * K, T).astype(np.int64))
+    att = torch.from_numpy(batch["mask"][..., :T].reshape(P * K, T).astype(np.int64))
     rank = torch.from_numpy(np.argsort(batch["ranking"], axis=1))  # rank of each completion
     above = (rank[:, :, None] < rank[:, None, :]).float()  # i ranked above j
 
@@ -117,9 +132,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lengths", choices=["uniform", "chatworld"], default="uniform")
+    ap.add_argument("--pack", action="store_true", help="pack minichat's batch as the stage does")
     args = ap.parse_args()
-    batch = make_batch(args.prompts, args.k, args.seq)
-    runners = {"jax": jax_runner(batch, args.steps)}
+    batch = make_batch(args.prompts, args.k, args.seq, lengths=args.lengths)
+    runners = {"jax": jax_runner(batch, args.steps, packed=args.pack)}
     try:
         runners["torch"] = torch_runner(batch, args.steps)
     except ImportError:
@@ -128,7 +145,9 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, run in runners.items():
             times[name].append(timed(run, args.steps))
-    out = {"shape": {"prompts": args.prompts, "k": args.k, "seq": args.seq, "model": "tiny"},
+    out = {"shape": {"prompts": args.prompts, "k": args.k, "seq": args.seq, "model": "tiny",
+                     "lengths": args.lengths, "pack": args.pack,
+                     "real_tokens": int(batch["mask"].sum())},
            "backend": jax.default_backend()}
     for name, ts in times.items():
         out[name] = {"step_s": statistics.median(ts), "rounds": [round(t, 4) for t in ts]}

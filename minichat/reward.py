@@ -204,28 +204,14 @@ def comparison_prompts(cfg, split: str, n: int, stage: str) -> list[dict]:
 
 def sample_completions(policy, tok, prompts: list[dict], *, k: int, max_new_tokens: int,
                        temperature: float, seed: int, batch_size: int) -> list[list[dict]]:
-    """K replies per prompt from `policy`: each prompt repeated K times, sampled in batches
-    of one fixed shape (the tail is padded with copies), so the sampler compiles once."""
-    from minichat.evaluate import prompt_batch
-    from minichat.sampling import generate
+    """K replies per prompt from `policy` (`evaluate.sample_replies` on each prompt repeated
+    K times), as [{"text", "ended"}] lists in the prompts' order."""
+    from minichat.evaluate import sample_replies
 
     repeated = [p for p in prompts for _ in range(k)]
-    block = policy.config.block_size
-    longest = max(len(tok.render_prompt(p["messages"])) for p in prompts)
-    width = min(-(-longest // 32) * 32, block - max_new_tokens)  # prompts wider keep their end
-    key = jax.random.key(seed)
-    replies = []
-    for i in range(0, len(repeated), batch_size):
-        chunk = repeated[i:i + batch_size]
-        n = len(chunk)
-        tokens, mask = prompt_batch(tok, chunk + [chunk[0]] * (batch_size - n), width)
-        gen = generate(policy, tokens, mask, jax.random.fold_in(key, i), max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=0, top_p=1.0, end_id=tok.end_id, pad_id=tok.pad_id)
-        toks, gmask = np.asarray(gen.tokens), np.asarray(gen.mask)
-        for r in range(n):
-            ids = toks[r][gmask[r] > 0]
-            ended = bool(len(ids) and ids[-1] == tok.end_id)
-            replies.append({"text": tok.decode(ids).strip(), "ended": ended})
+    replies = sample_replies(policy, tok, repeated, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed, batch_size=batch_size)
+    replies = [{"text": r["text"], "ended": r["ended"]} for r in replies]
     return [replies[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 

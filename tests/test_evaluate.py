@@ -39,3 +39,26 @@ def test_family_table_means_per_family_and_overall():
     assert t["fact"] == {"score": 0.5, "correct": 0.5, "n": 2}
     assert t["clarify"]["correct"] == 1.0 and t["all"]["n"] == 3
     assert t["all"]["score"] == pytest.approx(0.5)
+
+
+def test_sample_replies_batches_by_length_but_answers_in_order():
+    """Prompts are batched shortest first at per-batch widths; each reply must still be the
+    one its own prompt gets when sampled alone (greedy, so padding must be invisible)."""
+    from minichat.config import ModelConfig
+    from minichat.evaluate import sample_replies
+    from minichat.model import GPT
+    from minichat.tokenizer import train_tokenizer
+    from minichat.world import build_world, generate_dialogues, to_prompt
+
+    world = build_world(0)
+    dialogues = generate_dialogues(world, 40, "train", seed=5)
+    tok = train_tokenizer([m["content"] for d in dialogues for m in d["messages"]], 400)
+    prompts = [to_prompt(d) for d in dialogues[:10]]
+    lengths = [len(tok.render_prompt(p["messages"])) for p in prompts]
+    assert len({-(-n // 32) for n in lengths}) > 1  # the batches really get different widths
+    model = GPT.init(ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=32), 0)
+    kw = dict(max_new_tokens=6, temperature=0.0, seed=0)
+    batched = sample_replies(model, tok, prompts, batch_size=4, **kw)
+    alone = [sample_replies(model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
+    assert len({r["text"] for r in alone}) > 3  # distinct replies: a mix-up would show
+    assert batched == alone
