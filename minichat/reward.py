@@ -414,8 +414,9 @@ def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1) -> dict:
     if (flat_m != (np.arange(T) < lengths[:, None])).any():
         raise ValueError("pack: every sequence must be right-padded (real tokens first)")
     order = np.argsort(-lengths, kind="stable")  # longest first
-    where = np.zeros((len(lengths), 2), np.int64)  # (row, first column) of each sequence
-    where[order], rows = first_fit(lengths[order], T)
+    placed, rows = first_fit(lengths[order], T)
+    where = np.empty_like(placed)  # (row, first column) of each sequence, in listing order
+    where[order] = placed
     R = max(-(-rows // row_multiple), 1) * row_multiple
     out = {"tokens": np.zeros((R, T), flat_t.dtype), "mask": np.zeros((R, T), np.int32),
            "segments": np.zeros((R, T), np.int32)}
