@@ -1210,8 +1210,8 @@ def evaluate_vs_reference(trainer: PPOTrainer, tok, cfg, sdir: str, run_dir: str
     matches, else sampled here): the mean difference PPO - SFT and its 95% interval. Writes
     `<stage>/eval.jsonl` (per-prompt records for the report)."""
     from minichat.checkpoint import MetricsLog
-    from minichat.evaluate import conversation_text, evaluate_policy, save_eval
-    from minichat.sft import heldout_prompts
+    from minichat.evaluate import conversation_text, evaluate_policy, judge_replies, sample_replies, save_eval
+    from minichat.sft import heldout_prompts, seen_prompts
 
     prompts = heldout_prompts(cfg)
     kw = dict(max_new_tokens=cfg.sft.max_new_tokens, temperature=cfg.sft.eval_temperature, seed=cfg.seed)
@@ -1230,6 +1230,13 @@ def evaluate_vs_reference(trainer: PPOTrainer, tok, cfg, sdir: str, run_dir: str
            "gold_vs_sft": {m: paired_difference(res[m]["scores"], ref_scores[m])
                            for m in ("greedy", "sampled")},
            "kl_to_sft": heldout_kl(trainer, tok, prompts)}
+    # The same comparison where PPO trained: a policy that exploits the reward model loses
+    # here first, even while it gains on unseen prompts (docs 04, section 9). Sampled only.
+    seen = seen_prompts(cfg)
+    seen_scores = [judge_replies(seen, sample_replies(m, tok, seen, max_new_tokens=kw["max_new_tokens"],
+                                                      temperature=kw["temperature"], seed=kw["seed"]))[0]
+                   for m in (trainer.policy_model(), trainer.ref_model())]
+    out["gold_vs_sft_seen"] = paired_difference(*seen_scores)
     samples, seen = [], set()
     for ex, rep, ref_reply in zip(prompts, res["greedy"]["replies"], ref_text):
         if ex["family"] not in seen:
@@ -1281,6 +1288,11 @@ def report_markdown(summary: dict, stage: str, has_gold: bool) -> str:
         for m in ("greedy", "sampled"):
             d = summary["gold_vs_sft"][m]
             lines.append(f"- held-out gold, {stage.upper()} - SFT ({m}): {d['mean']:+.3f} "
+                         f"[95% CI {d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], n = {d['n']}")
+        if "gold_vs_sft_seen" in summary:
+            d = summary["gold_vs_sft_seen"]
+            lines.append(f"- gold on prompts like the training ones (entities and phrasings SFT saw), "
+                         f"{stage.upper()} - SFT (sampled): {d['mean']:+.3f} "
                          f"[95% CI {d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], n = {d['n']}")
         lines.append(f"- KL({stage.upper()} || SFT) on held-out prompts: {summary['kl_to_sft']:.3f} nats "
                      f"per reply")

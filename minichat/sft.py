@@ -47,6 +47,15 @@ def heldout_prompts(cfg) -> list[dict]:
     return [to_prompt(d) for d in dialogues]
 
 
+def seen_prompts(cfg) -> list[dict]:
+    """Fresh prompts from the training distribution (entities and phrasings SFT saw, where
+    PPO's rollouts come from), n_heldout per family: where over-optimisation shows first."""
+    from minichat.world import FAMILIES, world_from_config, generate_dialogues, to_prompt
+    dialogues = generate_dialogues(world_from_config(cfg.world), cfg.world.n_heldout * len(FAMILIES),
+                                   "train", seed=cfg.world.seed + 11)
+    return [to_prompt(d) for d in dialogues]
+
+
 def batch_maker(arrays: dict, batch_size: int, seed: int, stream=None, n_lm: int = 0):
     """`get_batch(step)`: `batch_size - n_lm` rows of demonstrations (reshuffled each epoch)
     plus `n_lm` windows of pretraining text whose every position counts in the loss.

@@ -220,7 +220,7 @@ def test_stage_writes_checkpoints_metrics_plots_and_resumes(tmp_path, capsys):
     from minichat.config import WorldConfig
     from minichat.parallel import make_mesh
     from minichat.tokenizer import train_tokenizer
-    from minichat.world import build_world, generate_dialogues
+    from minichat.world import FAMILIES, build_world, generate_dialogues
 
     run_dir = str(tmp_path)
     texts = [m["content"] for d in generate_dialogues(build_world(0), 400, "train", seed=0)
@@ -235,7 +235,7 @@ def test_stage_writes_checkpoints_metrics_plots_and_resumes(tmp_path, capsys):
         ck.close()
     pcfg = PPOConfig(iterations=2, batch_size=8, minibatch_size=4, micro_batch_size=2, epochs=1,
                      max_new_tokens=8, n_prompts=64, best_of_n=[1, 2], best_of_n_prompts=8,
-                     checkpoint_every=1, evaluate=False, prompt_width=48)
+                     checkpoint_every=1, evaluate=True, prompt_width=48)
     cfg = Config(model=mc, world=WorldConfig(n_heldout=1), ppo=pcfg, progress=False)
     mesh = make_mesh(cfg.parallel, jax.devices()[:2])  # two of conftest's fake devices: a sharded batch
     summary = ppo.run(cfg, run_dir, tok, mesh)
@@ -250,6 +250,13 @@ def test_stage_writes_checkpoints_metrics_plots_and_resumes(tmp_path, capsys):
         assert key in rows[0], key
     assert rows[0]["ppo/ratio_first"] == pytest.approx(1.0, abs=1e-6)
     assert "report_md" in read_done(run_dir, "ppo") and summary["iterations"] == 2
+    # evaluation against SFT: held out (greedy and sampled) and on training-like prompts
+    n = len(FAMILIES)  # world.n_heldout = 1 prompt per family
+    assert {m: summary["gold_vs_sft"][m]["n"] for m in ("greedy", "sampled")} == {"greedy": n, "sampled": n}
+    seen = summary["gold_vs_sft_seen"]
+    assert seen["n"] == n and seen["ci95"][0] <= seen["mean"] <= seen["ci95"][1]
+    report = read_done(run_dir, "ppo")["report_md"]
+    assert "held-out gold, PPO - SFT (greedy)" in report and "prompts like the training ones" in report
     assert [b["n"] for b in summary["best_of_n"]] == [1, 2]
     # the policy checkpoint loads for chat; the value model lives apart
     policy = restore_params(run_dir, "ppo", GPT.init(mc, 0), mc)
