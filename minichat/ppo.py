@@ -1232,9 +1232,8 @@ def evaluate_vs_reference(trainer: PPOTrainer, tok, cfg, sdir: str, run_dir: str
            "kl_to_sft": heldout_kl(trainer, tok, prompts)}
     # The same comparison where PPO trained: a policy that exploits the reward model loses
     # here first, even while it gains on unseen prompts (docs 04, section 9). Sampled only.
-    seen = seen_prompts(cfg)
-    seen_scores = [judge_replies(seen, sample_replies(m, tok, seen, max_new_tokens=kw["max_new_tokens"],
-                                                      temperature=kw["temperature"], seed=kw["seed"]))[0]
+    train_like = seen_prompts(cfg)
+    seen_scores = [judge_replies(train_like, sample_replies(m, tok, train_like, **kw))[0]
                    for m in (trainer.policy_model(), trainer.ref_model())]
     out["gold_vs_sft_seen"] = paired_difference(*seen_scores)
     samples, seen = [], set()

@@ -205,13 +205,12 @@ def comparison_prompts(cfg, split: str, n: int, stage: str) -> list[dict]:
 def sample_completions(policy, tok, prompts: list[dict], *, k: int, max_new_tokens: int,
                        temperature: float, seed: int, batch_size: int) -> list[list[dict]]:
     """K replies per prompt from `policy` (`evaluate.sample_replies` on each prompt repeated
-    K times), as [{"text", "ended"}] lists in the prompts' order."""
+    K times: {"text", "ended", "n_tokens"}), as lists in the prompts' order."""
     from minichat.evaluate import sample_replies
 
     repeated = [p for p in prompts for _ in range(k)]
     replies = sample_replies(policy, tok, repeated, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed, batch_size=batch_size)
-    replies = [{"text": r["text"], "ended": r["ended"]} for r in replies]
     return [replies[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
@@ -617,8 +616,9 @@ def train(model, *, stage: str, run_dir: str, cfg, mesh, data: dict, heldout: di
         log.log({"step": 0, **held_out(params)})
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage,
                disable=not (cfg.progress and is_main()), dynamic_ncols=True)
-    # MFU: every step runs forward + backward over batch_size x K sequences of its own width;
-    # the scalar head replaces the vocabulary projection (6·V·C FLOPs per token).
+    # MFU: every step runs forward + backward over packed rows of `width` tokens (tokens/s
+    # counts the rows, padding included); the scalar head replaces the vocabulary
+    # projection (6·V·C FLOPs per token).
     width = data["tokens"].shape[-1]
     fpt = flops_per_token(cfg.model, width) - 6.0 * cfg.model.vocab_size * cfg.model.n_embd
     peak, t0, n_tokens = device_peak_flops(cfg.parallel.peak_flops), time.perf_counter(), 0

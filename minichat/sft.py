@@ -41,18 +41,19 @@ def demonstrations(cfg, split: str) -> list[dict]:
 
 def heldout_prompts(cfg) -> list[dict]:
     """Held-out prompts (entities and phrasings never seen in SFT), n_heldout per family."""
-    from minichat.world import FAMILIES, world_from_config, generate_dialogues, to_prompt
-    dialogues = generate_dialogues(world_from_config(cfg.world), cfg.world.n_heldout * len(FAMILIES),
-                                   "heldout", seed=cfg.world.seed + 7)
-    return [to_prompt(d) for d in dialogues]
+    return _eval_prompts(cfg, "heldout", cfg.world.seed + 7)
 
 
 def seen_prompts(cfg) -> list[dict]:
     """Fresh prompts from the training distribution (entities and phrasings SFT saw, where
     PPO's rollouts come from), n_heldout per family: where over-optimisation shows first."""
+    return _eval_prompts(cfg, "train", cfg.world.seed + 11)
+
+
+def _eval_prompts(cfg, split: str, seed: int) -> list[dict]:
     from minichat.world import FAMILIES, world_from_config, generate_dialogues, to_prompt
     dialogues = generate_dialogues(world_from_config(cfg.world), cfg.world.n_heldout * len(FAMILIES),
-                                   "train", seed=cfg.world.seed + 11)
+                                   split, seed=seed)
     return [to_prompt(d) for d in dialogues]
 
 
