@@ -365,7 +365,10 @@ def test_comparisons_then_reward_from_a_policy(tmp_path, tok):
     assert 0.5 <= s["heldout"]["ceiling"] <= 1.0
     summary = run(cfg, str(tmp_path), tok, mesh, stage="reward_r9", comparisons_stage="comparisons_r9")
     assert summary["steps"] == 4 and summary["pairs"] == 8 * 6
-    assert {"bias", "accuracy", "ceiling", "spearman", "families", "plots", "report_md"} <= set(summary)
+    assert {"bias", "accuracy", "ceiling", "spearman", "families", "plots", "report_md",
+            "expected_accuracy", "bayes"} <= set(summary)
+    assert summary["bayes"] >= max(summary["ceiling"], summary["expected_accuracy"]) - 1e-9
+    assert "| family | accuracy | expected | labeler ceiling | best possible | pairs |" in summary["report_md"]
     # a later RLHF round goes on from this reward model (reward.continue_rounds)
     run(cfg, str(tmp_path), tok, mesh, stage="reward_r10", comparisons_stage="comparisons_r9",
         init_stage="reward_r9")
@@ -373,3 +376,24 @@ def test_comparisons_then_reward_from_a_policy(tmp_path, tok):
     second = [json.loads(x) for x in open(tmp_path / "reward_r10" / "metrics.jsonl")]
     assert second[0]["step"] == 0 and second[0]["eval_loss"] == pytest.approx(first[-1]["eval_loss"], abs=1e-5)
     assert first[0]["eval_loss"] != pytest.approx(first[-1]["eval_loss"], abs=1e-5)  # it did train
+
+
+def test_evaluate_expected_accuracy_of_the_gold_order_is_the_best_possible():
+    from types import SimpleNamespace
+
+    from minichat.reward import evaluate
+    from minichat.world import rank
+    gen = np.random.default_rng(0)
+    lcfg = SimpleNamespace(noise=0.3, length_bias=0.0)
+    gold = gen.choice([-1.0, -0.5, 0.0, 1.0], size=(200, 4))  # many ties, as in ChatWorld
+    rows = [{"completions": ["a", "b", "c", "d"], "gold": list(g), "family": "fact",
+             "ranking": rank(g, [1] * 4, gen, noise=lcfg.noise)} for g in gold]
+    data = {"ranking": np.array([r["ranking"] for r in rows]), "valid": np.ones((200, 4), bool)}
+    best = evaluate(gold.copy(), data, rows, lcfg)
+    assert best["expected_accuracy"] == pytest.approx(best["bayes"])
+    assert best["bayes"] >= best["ceiling"]
+    # the measured accuracy is one labeling's draw of the expected one (1,200 pairs: sd ~0.014)
+    assert abs(best["accuracy"] - best["expected_accuracy"]) < 0.05
+    worst = evaluate(-gold, data, rows, lcfg)
+    assert worst["expected_accuracy"] == pytest.approx(1 - best["expected_accuracy"])
+    assert worst["families"]["fact"]["expected_accuracy"] == pytest.approx(worst["expected_accuracy"])

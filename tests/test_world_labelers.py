@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minichat.world.labelers import agreement_ceiling, rank, utilities, win_probability
+from minichat.world.labelers import (agreement_ceiling, bayes_accuracy, expected_accuracy, rank,
+                                    utilities, win_probability)
 
 scores_st = st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=8)
 
@@ -57,6 +58,34 @@ def test_agreement_ceiling_analytic_matches_simulation():
     assert agreement_ceiling(sets, noise=0.0) == 1.0
     assert agreement_ceiling(sets, noise=0.05) > agreement_ceiling(sets, noise=0.5) > \
         agreement_ceiling(sets, noise=50.0) > 0.49
+
+
+def test_expected_accuracy_matches_accuracy_on_simulated_labelings():
+    sets = [[1.0, 0.2, -0.5, 0.9], [0.0, 0.1, -1.0], [0.3, 0.3]]
+    rewards = [[0.5, 2.0, -1.0, 0.4], [1.0, 1.0, -3.0], [0.0, 1.0]]  # one tie, some wrong orders
+    rng = np.random.default_rng(0)
+    right = total = 0.0
+    for _ in range(3000):
+        for scores, r in zip(sets, rewards):
+            pos = np.argsort(rank(scores, [1] * len(scores), rng, noise=0.4))  # position of each reply
+            for i in range(len(r)):
+                for j in range(i + 1, len(r)):
+                    above = pos[i] < pos[j]
+                    right += 0.5 if r[i] == r[j] else float((r[i] > r[j]) == above)
+                    total += 1
+    assert expected_accuracy(sets, rewards, noise=0.4) == pytest.approx(right / total, abs=0.01)
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.lists(st.tuples(st.floats(-1, 1), st.floats(-5, 5)), min_size=2, max_size=6),
+       st.floats(0.01, 2.0))
+def test_bayes_accuracy_bounds_every_scorer_and_the_agreement(pairs, noise):
+    scores, rewards = [[s for s, _ in pairs]], [[r for _, r in pairs]]
+    best = bayes_accuracy(scores, noise=noise)
+    assert best >= expected_accuracy(scores, rewards, noise=noise) - 1e-12
+    assert best >= agreement_ceiling(scores, noise=noise) - 1e-12
+    assert expected_accuracy(scores, [[-x for x in rewards[0]]], noise=noise) == pytest.approx(
+        1 - expected_accuracy(scores, rewards, noise=noise))  # reversing every order
 
 
 def test_rank_is_deterministic_in_seed():

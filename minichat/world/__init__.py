@@ -20,8 +20,8 @@ def world_from_config(wcfg) -> World:
     """The World described by a `WorldConfig` (minichat/config.py)."""
     return build_world(wcfg.seed, n_countries=wcfg.n_countries, n_animals=wcfg.n_animals,
                        n_people=wcfg.n_people, arith_max=wcfg.arith_max)
-from .labelers import agreement_ceiling, rank, win_probability
+from .labelers import agreement_ceiling, bayes_accuracy, expected_accuracy, rank, win_probability
 
-__all__ = ["FAMILIES", "CORRECT_THRESHOLD", "World", "agreement_ceiling", "build_world", "world_from_config",
+__all__ = ["FAMILIES", "CORRECT_THRESHOLD", "World", "agreement_ceiling", "bayes_accuracy", "build_world", "expected_accuracy", "world_from_config",
            "flawed_replies", "generate_corpus", "generate_dialogues", "is_correct", "judge",
            "judge_breakdown", "rank", "to_prompt", "win_probability"]

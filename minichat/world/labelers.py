@@ -59,8 +59,11 @@ def agreement_ceiling(score_sets, length_sets=None, *, noise: float, length_bias
     """Expected agreement of two independent labelers on the pairs within each set.
 
     For a pair with win probability p, two labelers agree with probability
-    p^2 + (1 - p)^2 = max(p, 1-p)^2 + min(p, 1-p)^2; this is the mean over all pairs, the
-    best accuracy any reward model can reach against one labeler's held-out comparisons.
+    p^2 + (1 - p)^2, the mean over all pairs here. This is InstructGPT's yardstick for
+    reward-model accuracy (inter-labeler agreement). It is not a hard upper bound: a model
+    that always picks the likelier winner agrees with one labeler with probability
+    max(p, 1 - p) >= p^2 + (1 - p)^2 (`expected_accuracy` of the noise-free utilities).
+    The two coincide on ties (p = 1/2) and on clear-cut pairs (p near 0 or 1).
     With ``n_sims > 0`` the same quantity is estimated by simulating pairs of rankings.
     """
     if noise == 0:
@@ -83,3 +86,32 @@ def agreement_ceiling(score_sets, length_sets=None, *, noise: float, length_bias
                 agree += p * p + (1 - p) * (1 - p)
         total += len(pairs)
     return float(agree / max(total, 1))
+
+
+def expected_accuracy(score_sets, reward_sets, length_sets=None, *, noise: float,
+                      length_bias: float = 0.0) -> float:
+    """Expected pairwise accuracy of a scorer's rewards against ONE labeler's ranking.
+
+    Accuracy on one sampled labeling is a noisy estimate (each pair's label is a coin with
+    bias p); its expectation over labelings, sum over pairs of p [r_i > r_j] +
+    (1 - p) [r_i < r_j] + 1/2 [r_i = r_j], is the same quantity without that noise. With the
+    labelers' own noise-free utilities as `reward_sets` it is the best expected accuracy any
+    scorer can reach (Bayes), mean max(p, 1 - p)."""
+    right, total = 0.0, 0
+    for k, (scores, rewards) in enumerate(zip(score_sets, reward_sets)):
+        lengths = np.zeros(len(scores)) if length_sets is None else length_sets[k]
+        mu = utilities(scores, lengths, length_bias=length_bias)
+        for i in range(len(mu)):
+            for j in range(i + 1, len(mu)):
+                p = win_probability(mu[i], mu[j], noise)
+                d = rewards[i] - rewards[j]
+                right += p if d > 0 else (1 - p) if d < 0 else 0.5
+                total += 1
+    return float(right / max(total, 1))
+
+
+def bayes_accuracy(score_sets, length_sets=None, *, noise: float, length_bias: float = 0.0) -> float:
+    """The best expected accuracy against one labeler: always pick the likelier winner."""
+    mus = [utilities(s, np.zeros(len(s)) if length_sets is None else length_sets[k],
+                     length_bias=length_bias) for k, s in enumerate(score_sets)]
+    return expected_accuracy(score_sets, mus, length_sets, noise=noise, length_bias=length_bias)
