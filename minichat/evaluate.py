@@ -222,7 +222,16 @@ def run_report(cfg, run_dir: str, tok=None, mesh=None) -> dict:
         p = done["pretrain"]
         md += ["", "## Pretraining", "",
                f"Held-out loss {p['eval_loss']:.3f} nats/token against {p['unigram_loss']:.3f} for the "
-               "unigram baseline.", "", "![pretraining loss](plots/pretrain_loss.png)", "", "Samples:", ""]
+               "unigram baseline.", "", "![pretraining loss](plots/pretrain_loss.png)", ""]
+        if p.get("copy_accuracy"):
+            c = p["copy_accuracy"]
+            md += [f"In-context copying (the induction-head test of Olsson et al. 2022): next-token "
+                   f"top-1 accuracy {c['repeat']:.2f} on the second copy of a random token sequence, "
+                   f"{c['first']:.2f} on the first"
+                   + (": no induction heads yet, so replies that must quote the conversation "
+                      "(summaries, premises, corrections) are out of reach." if c["repeat"] < c["first"] + 0.2
+                      else "."), ""]
+        md += ["Samples:", ""]
         md += [f"- `{x}`" for x in p.get("samples", [])]
     tables = {}
     if "sft" in done and "eval" in done["sft"]:

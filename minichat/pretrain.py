@@ -212,6 +212,22 @@ def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     return float(-logp[val].mean())
 
 
+def copy_accuracy(logits_fn: Callable, vocab: np.ndarray, *, rows: int = 16, length: int = 32,
+                  seed: int = 0) -> dict:
+    """Olsson et al. (2022)'s test for induction heads: a random sequence of `length` tokens
+    drawn from `vocab`, then the same sequence again. Returns the next-token top-1 accuracy
+    on the first copy (nothing to go on but the unigram) and on the repeat (a model that can
+    find the earlier occurrence and copy what followed it gets it right). A repeat no better
+    than the first copy means no induction heads: replies that must quote the conversation
+    (summaries, premises, corrections) are then out of reach. `logits_fn`: (B, T) -> (B, T, V)."""
+    rng = np.random.default_rng(seed)
+    seq = rng.choice(np.asarray(vocab), size=(rows, length))
+    tokens = np.concatenate([seq, seq], axis=1).astype(np.int32)
+    hit = np.asarray(logits_fn(jnp.asarray(tokens))).argmax(-1)[:, :-1] == tokens[:, 1:]
+    # position length - 1 predicts the repeat's first token, which nothing announces: left out
+    return {"first": float(hit[:, :length - 1].mean()), "repeat": float(hit[:, length:].mean())}
+
+
 def run(cfg, run_dir: str, tok, mesh) -> dict:
     from minichat.model import GPT
     from minichat.sampling import generate
@@ -251,10 +267,18 @@ def run(cfg, run_dir: str, tok, mesh) -> dict:
     for s in samples:
         print(f"[pretrain sample] {s}")
     eval_loss = next(r["eval_loss"] for r in reversed(rows) if "eval_loss" in r)
+    # tokens the corpus uses (trained embeddings), never the chat's special tokens
+    vocab = np.setdiff1d(np.unique(train), np.asarray(sorted(tok.special_ids)))
+    copy = copy_accuracy(lambda x: model(x)[0], vocab, length=min(32, cfg.model.block_size // 2),
+                         seed=cfg.seed) if jax.process_count() == 1 else {}
     summary = {"eval_loss": eval_loss, "unigram_loss": baseline, "train_loss": rows[-1].get("loss"),
-               "steps": cfg.pretrain.steps, "seconds": time.perf_counter() - t_start, "samples": samples}
+               "steps": cfg.pretrain.steps, "seconds": time.perf_counter() - t_start, "samples": samples,
+               "copy_accuracy": copy}
     mark_done(run_dir, "pretrain", summary)
     print(f"[pretrain] held-out loss {eval_loss:.3f} nats vs unigram {baseline:.3f}")
+    if copy:
+        print(f"[pretrain] in-context copying: top-1 {copy['repeat']:.2f} on a repeated random sequence "
+              f"vs {copy['first']:.2f} on its first copy")
     return summary
 
 

@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 from hypothesis import given, strategies as st
 
-from minichat.checkpoint import Checkpointer, CheckpointError, MetricsLog, restore_params
+from minichat.checkpoint import Checkpointer, CheckpointError, MetricsLog, read_done, restore_params
 from minichat.config import ModelConfig, OptimConfig, ParallelConfig
 from minichat.model import GPT
 from minichat.parallel import make_mesh, shard_batch, shard_state
-from minichat.pretrain import batch_loss, lm_loss, make_optimizer, make_train_step, unigram_loss
+from minichat.pretrain import batch_loss, copy_accuracy, lm_loss, make_optimizer, make_train_step, unigram_loss
 
 CFG = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -50,6 +50,26 @@ def random_batch(seed, b=8, t=16):
     tokens = np.random.default_rng(seed).integers(0, CFG.vocab_size, size=(b, t + 1)).astype(np.int32)
     ones = np.ones_like(tokens)
     return {"tokens": tokens, "valid": ones, "loss_mask": ones}
+
+
+def test_copy_accuracy_tells_an_induction_model_from_a_unigram_one():
+    V = 200
+
+    def induction(tokens):  # predicts what followed the previous occurrence of the current token
+        tokens = np.asarray(tokens)
+        logits = np.zeros((*tokens.shape, V))
+        for b, row in enumerate(tokens):
+            for t, x in enumerate(row):
+                prev = [s for s in range(t) if row[s] == x]
+                logits[b, t, row[prev[-1] + 1] if prev else 0] = 1.0
+        return logits
+
+    unigram = lambda tokens: np.broadcast_to(np.eye(V)[7], (*np.shape(tokens), V))
+    vocab = np.arange(10, 190)
+    a = copy_accuracy(induction, vocab, rows=8, length=8, seed=1)
+    b = copy_accuracy(unigram, vocab, rows=8, length=8, seed=1)
+    assert a["repeat"] > 0.9 and a["first"] < 0.2
+    assert b["repeat"] == b["first"] == 0.0  # token 7 is never drawn
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):
@@ -195,6 +215,8 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_corpus, tmp_pa
     b = nnx.state(restore_params(str(tmp_path / "killed"), "pretrain", GPT.init(cfg, 6), cfg), nnx.Param)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert np.array_equal(np.asarray(x), np.asarray(y))
+    copy = read_done(str(tmp_path / "killed"), "pretrain")["copy_accuracy"]
+    assert set(copy) == {"first", "repeat"} and all(0.0 <= v <= 1.0 for v in copy.values())
     # a finished stage is skipped when the command is run again
     assert "already done" in cli(common + ["run_dir=killed"], tmp_path).stdout
 
