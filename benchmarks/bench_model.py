@@ -19,6 +19,9 @@ Prints one JSON object:
                               chosen per task at start-up (`threads`)
   <preset>.ratio.*            jax / torch (of the medians)
   <preset>.ratio_paired_median  median over rounds of the jax / torch ratio within a round
+  <preset>.torch_nanogpt      training only: a nanoGPT-style torch GPT-2 (nn.Linear blocks,
+                              causal SDPA; written in this file), the issue's named peer;
+                              `ratio_nanogpt` as above
 Figures are medians over `--repeats` rounds; JAX and torch rounds are interleaved, because
 the machine is shared and its speed drifts. On an oversubscribed machine both frameworks'
 thread pools lose a lot to waiting on each other; `--cpus 1` pins the whole process to one
@@ -180,6 +183,88 @@ class TorchBench:
                     pad_token_id=0)
 
 
+def nanogpt_style(cfg: ModelConfig):
+    """The issue's other peer: a GPT-2 written the nanoGPT way (one nn.Module per block,
+    nn.Linear layers, fused causal SDPA, tanh GELU, tied embeddings), written here. It has no
+    KV cache, so it is a training peer only; sampling is compared with HF `generate`."""
+    import torch
+    from torch import nn
+    F = nn.functional
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            C = cfg.n_embd
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, cfg.n_head, C // cfg.n_head).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPTPeer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
+            self.ln_f = nn.LayerNorm(cfg.n_embd)
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=0.02)
+
+        def forward(self, idx):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.h:
+                x = block(x)
+            return self.ln_f(x) @ self.wte.weight.T  # tied unembedding
+
+    return GPTPeer()
+
+
+class TorchTrainPeer:
+    """A training-only torch peer around any module mapping tokens to logits."""
+
+    def __init__(self, model, cfg: ModelConfig, batch: int):
+        import torch
+        self.torch, self.model, self.cfg = torch, model, cfg
+        torch.manual_seed(0)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=3e-4, betas=(0.9, 0.95))
+        g = torch.Generator().manual_seed(0)
+        self.tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size + 1), generator=g)
+        self.threads = {"train": torch.get_num_threads()}
+        best = float("inf")
+        for n in sorted({1, torch.get_num_threads()}):  # its best thread count, as above
+            self.threads["train"] = n
+            self.train(1)
+            t = _timeit(self.train, 1)
+            if t < best:
+                best, chosen = t, n
+        self.threads["train"] = chosen
+
+    def train(self, steps):
+        torch, F = self.torch, self.torch.nn.functional
+        torch.set_num_threads(self.threads["train"])
+        self.model.train()
+        for _ in range(steps):
+            logits = self.model(self.tokens[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), self.tokens[:, 1:].reshape(-1))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+        float(loss.detach())
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -189,24 +274,34 @@ def run_preset(name, repeats, train_steps, sample_calls, with_torch, peaks):
     benches = {"jax": JaxBench(cfg, B)}
     if with_torch:
         benches["torch"] = TorchBench(cfg, B)
+        benches["torch_nanogpt"] = TorchTrainPeer(nanogpt_style(cfg), cfg, B)
     times = {k: {"train": [], "sample": []} for k in benches}
     for _ in range(repeats):  # interleave the frameworks, round by round
         peaks.append(peak_matmul_gflops(rounds=1))
         for k, bench in benches.items():
             times[k]["train"].append(_timeit(bench.train, train_steps))
-            times[k]["sample"].append(_timeit(bench.sample, sample_calls))
+            if hasattr(bench, "sample"):
+                times[k]["sample"].append(_timeit(bench.sample, sample_calls))
     fpt = flops_per_token(cfg, cfg.block_size)
     out = {"config": dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                           vocab_size=cfg.vocab_size, block_size=cfg.block_size, batch=B),
            "params": benches["jax"].n_params, "flops_per_token": fpt}
     for k in benches:
         train_tok = B * cfg.block_size * train_steps / statistics.median(times[k]["train"])
-        sample_tok = SAMPLE_B * SAMPLE_N * sample_calls / statistics.median(times[k]["sample"])
-        out[k] = {"train_tok_s": round(train_tok, 1), "sample_tok_s": round(sample_tok, 1),
+        out[k] = {"train_tok_s": round(train_tok, 1),
                   "train_tok_s_all": [round(B * cfg.block_size * train_steps / t, 1)
-                                      for t in times[k]["train"]],
-                  "sample_tok_s_all": [round(SAMPLE_B * SAMPLE_N * sample_calls / t, 1)
-                                       for t in times[k]["sample"]]}
+                                      for t in times[k]["train"]]}
+        if times[k]["sample"]:
+            out[k]["sample_tok_s"] = round(SAMPLE_B * SAMPLE_N * sample_calls
+                                           / statistics.median(times[k]["sample"]), 1)
+            out[k]["sample_tok_s_all"] = [round(SAMPLE_B * SAMPLE_N * sample_calls / t, 1)
+                                          for t in times[k]["sample"]]
+    if "torch_nanogpt" in out:
+        out["torch_nanogpt"]["threads"] = benches["torch_nanogpt"].threads
+        out["ratio_nanogpt"] = {
+            "train_tok_s": round(out["jax"]["train_tok_s"] / out["torch_nanogpt"]["train_tok_s"], 3),
+            "train_tok_s_paired_median": round(statistics.median(
+                t / j for j, t in zip(times["jax"]["train"], times["torch_nanogpt"]["train"])), 3)}
     if "torch" in out:
         out["torch"]["threads"] = benches["torch"].threads
         out["ratio"] = {m: round(out["jax"][m] / out["torch"][m], 3)
@@ -256,9 +351,9 @@ def main(argv=None):
     result["peak_matmul_gflops_all"] = [round(p, 1) for p in peaks]
     for r in result["presets"].values():
         r["jax"]["mfu"] = round(r["jax"]["train_tok_s"] * r["flops_per_token"] / (peak * 1e9), 4)
-        if "torch" in r:
-            r["torch"]["mfu"] = round(r["torch"]["train_tok_s"] * r["flops_per_token"]
-                                      / (peak * 1e9), 4)
+        for k in ("torch", "torch_nanogpt"):
+            if k in r:
+                r[k]["mfu"] = round(r[k]["train_tok_s"] * r["flops_per_token"] / (peak * 1e9), 4)
     print(json.dumps(result, indent=2))
 
 
