@@ -133,8 +133,9 @@ class RewardConfig:
     files: list[str] = field(default_factory=list)  # user's K-way / pairwise JSONL
     epochs: int = 1  # InstructGPT: more than one epoch overfits
     batch_size: int = 16  # prompts per batch; each carries all C(K,2) pairs
-    eval_every: int = 50
-    checkpoint_every: int = 50
+    # 384 steps by default: 4 held-out evaluations (~1.2 s each) and checkpoints, not 8
+    eval_every: int = 100
+    checkpoint_every: int = 100
     keep: int = 2
     labeler: LabelerConfig = field(default_factory=LabelerConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=10, min_lr_ratio=0.0))
