@@ -45,7 +45,7 @@ def prompt_batch(tok, examples, width: int):
 
 
 def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: float, seed: int,
-                   top_p: float = 1.0, batch_size: int = 64) -> list[dict]:
+                   top_p: float = 1.0, batch_size: int = 64, n: int = 1) -> list[dict]:
     """Replies of `model` to each example's conversation: text, ended (emitted <|end|>), length.
 
     The prompts are batched shortest first, each batch left-padded to its own longest prompt
@@ -54,6 +54,10 @@ def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: fl
     half the speed of one at 64). Batches keep a fixed row count (the tail is padded with
     copies), so the sampler compiles once per width bucket. Replies come back in the
     examples' order.
+
+    `n` > 1: n replies per example from one prefill (`generate(n_samples=n)`), returned
+    example-major (reply j of example i at i * n + j); a batch holds batch_size // n
+    prompts. The same replies as the examples each repeated n times with `n=1`.
     """
     import jax
     import numpy as np
@@ -64,20 +68,24 @@ def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: fl
     lengths = np.array([len(tok.render_prompt(ex["messages"])) for ex in examples])
     order = np.argsort(lengths, kind="stable")
     key = jax.random.key(seed)
-    out: list[dict] = [{}] * len(examples)
-    for i in range(0, len(examples), batch_size):
-        idx = order[i:i + batch_size]
+    per_batch = max(1, batch_size // n)
+    out: list[dict] = [{}] * (len(examples) * n)
+    for i in range(0, len(examples), per_batch):
+        idx = order[i:i + per_batch]
         chunk = [examples[j] for j in idx]
-        chunk += [chunk[0]] * (batch_size - len(idx))  # fixed shape: no recompilation on the tail
+        chunk += [chunk[0]] * (per_batch - len(idx))  # fixed shape: no recompilation on the tail
         width = min(-(-int(lengths[idx].max()) // 32) * 32, block - max_new_tokens)
         tokens, mask = prompt_batch(tok, chunk, width)
-        gen = generate(model, tokens, mask, jax.random.fold_in(key, i), max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=0, top_p=top_p, end_id=tok.end_id, pad_id=tok.pad_id)
+        # keyed by the first row's index, so that n > 1 draws what n = 1 on repeats would
+        gen = generate(model, tokens, mask, jax.random.fold_in(key, i * n), max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=0, top_p=top_p, end_id=tok.end_id,
+                       pad_id=tok.pad_id, n_samples=n)
         toks, gmask = np.asarray(gen.tokens), np.asarray(gen.mask)
         for r, j in enumerate(idx):
-            ids = toks[r][gmask[r] > 0]
-            ended = bool(len(ids) and ids[-1] == tok.end_id)
-            out[j] = {"text": tok.decode(ids).strip(), "ended": ended, "n_tokens": int(len(ids))}
+            for s in range(n):
+                ids = toks[r * n + s][gmask[r * n + s] > 0]
+                ended = bool(len(ids) and ids[-1] == tok.end_id)
+                out[j * n + s] = {"text": tok.decode(ids).strip(), "ended": ended, "n_tokens": int(len(ids))}
     return out
 
 

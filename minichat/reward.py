@@ -204,13 +204,12 @@ def comparison_prompts(cfg, split: str, n: int, stage: str) -> list[dict]:
 
 def sample_completions(policy, tok, prompts: list[dict], *, k: int, max_new_tokens: int,
                        temperature: float, seed: int, batch_size: int) -> list[list[dict]]:
-    """K replies per prompt from `policy` (`evaluate.sample_replies` on each prompt repeated
-    K times: {"text", "ended", "n_tokens"}), as lists in the prompts' order."""
+    """K replies per prompt from `policy` (`evaluate.sample_replies` with n = K, one prefill
+    per prompt: {"text", "ended", "n_tokens"}), as lists in the prompts' order."""
     from minichat.evaluate import sample_replies
 
-    repeated = [p for p in prompts for _ in range(k)]
-    replies = sample_replies(policy, tok, repeated, max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed, batch_size=batch_size)
+    replies = sample_replies(policy, tok, prompts, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed, batch_size=batch_size, n=k)
     return [replies[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 

@@ -141,18 +141,26 @@ def _split(model):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "settings"),
+    static_argnames=("graphdef", "max_new_tokens", "settings", "n_samples"),
 )
 def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, settings,
-              end_id, pad_id):
+              end_id, pad_id, n_samples=1):
     TRACE_COUNTS["generate"] += 1
     model = nnx.merge(graphdef, state)
-    B, P = prompts.shape
+    P = prompts.shape[1]
     N = max_new_tokens
     sample = functools.partial(sample_logits, **settings._asdict())
 
-    cache = init_cache(model.config, B, P + N)
+    cache = init_cache(model.config, prompts.shape[0], P + N)
     logits, cache = model.decode(prompts, cache, prompt_mask, last_only=True)
+    if n_samples > 1:
+        # Several replies per prompt share one prefill: the prompt's cache and next-token
+        # logits are copied n times (rows prompt-major), only the replies are decoded apart.
+        rep = lambda x: jnp.repeat(x, n_samples, axis=0)
+        logits = rep(logits)
+        cache = cache._replace(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
+                               mask=rep(cache.mask), length=rep(cache.length))
+    B = logits.shape[0]
     token, logprob = sample(logits[:, -1], jax.random.fold_in(key, 0))
     done = token == end_id  # end_id < 0: never stops
     out = Generation(
@@ -187,18 +195,23 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, set
 
 def generate(model, prompts, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             end_id: int | None, pad_id: int) -> Generation:
+             end_id: int | None, pad_id: int, n_samples: int = 1) -> Generation:
     """Sample up to `max_new_tokens` per row after LEFT-padded `prompts` (B, P).
 
     `model`: a `GPT` or a `(graphdef, state)` pair. See the module docstring.
+    `n_samples` > 1: that many replies per prompt from one prefill; the outputs have
+    B * n_samples rows, prompt-major (row b * n_samples + j is prompt b's reply j), and
+    equal those of the prompts repeated with `np.repeat(prompts, n_samples, axis=0)`.
     """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     graphdef, state = _split(model)
     settings = SamplingSettings(float(temperature), int(top_k), float(top_p))
     return _generate(
         graphdef, state, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
         key, max_new_tokens=int(max_new_tokens), settings=settings,
         end_id=jnp.asarray(-1 if end_id is None else end_id, jnp.int32),
-        pad_id=jnp.asarray(pad_id, jnp.int32),
+        pad_id=jnp.asarray(pad_id, jnp.int32), n_samples=int(n_samples),
     )
 
 

@@ -62,3 +62,9 @@ def test_sample_replies_batches_by_length_but_answers_in_order():
     alone = [sample_replies(model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
     assert len({r["text"] for r in alone}) > 3  # distinct replies: a mix-up would show
     assert batched == alone
+    # n replies per prompt from one prefill: what the prompts repeated n times get (sampled)
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=3)
+    shared = sample_replies(model, tok, prompts, batch_size=6, n=3, **kw)
+    repeated = sample_replies(model, tok, [p for p in prompts for _ in range(3)], batch_size=6, **kw)
+    assert len(shared) == 30 and shared == repeated
+    assert len({r["text"] for r in shared}) > 10

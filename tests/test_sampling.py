@@ -80,6 +80,22 @@ def test_logprobs_equal_full_forward(gpt, prompts, forward):
     assert np.all(np.asarray(rank) < 5)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_n_samples_share_a_prefill_and_equal_repeated_prompts(gpt, prompts, n):
+    """Several replies per prompt from one prefill: the same draws, token for token, as the
+    prompts repeated row by row (same key, same row count), with their logprobs and masks."""
+    shared = _gen(gpt, prompts, key=3, temperature=1.0, end_id=5, n_samples=n)
+    repeated = _gen(gpt, tuple(jnp.repeat(x, n, axis=0) for x in prompts), key=3, temperature=1.0, end_id=5)
+    assert shared.tokens.shape == (B * n, N)
+    np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+    np.testing.assert_array_equal(shared.mask, repeated.mask)
+    np.testing.assert_allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
+    if n > 1:  # the replies of one prompt differ from one another: not one reply copied
+        assert any(len({tuple(r) for r in np.asarray(shared.tokens[b * n:(b + 1) * n])}) > 1 for b in range(B))
+    with pytest.raises(ValueError, match="n_samples"):
+        _gen(gpt, prompts, n_samples=0)
+
+
 def test_end_token_mask_and_padding(gpt, prompts):
     """Row-wise stop: mask is 1 up to and including end_id, tokens are pad_id after it,
     logprobs 0 after it."""
