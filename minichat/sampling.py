@@ -17,7 +17,8 @@ every row's last prompt token sits in the last column and all rows decode in loc
 The prompt is run through the model once ("prefill") to fill a fixed-size KV cache of
 P + N slots; then a `lax.while_loop` samples one token per step for every row, feeding
 it back through `GPT.decode`, and stops early once every row has emitted `end_id`.
-`end_id=None` never stops early.
+`end_id=None` never stops early. `n_samples=K` samples K replies per prompt from one
+prefill (the prompt's cache is copied K times); the outputs then have B * K rows.
 
 `model` is a live `GPT` or a `(graphdef, state)` pair from `nnx.split`; either way the
 jitted function takes the graphdef as a static argument and the state as an array
