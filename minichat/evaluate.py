@@ -82,10 +82,10 @@ def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: fl
                        pad_id=tok.pad_id, n_samples=n)
         toks, gmask = np.asarray(gen.tokens), np.asarray(gen.mask)
         for r, j in enumerate(idx):
-            for s in range(n):
-                ids = toks[r * n + s][gmask[r * n + s] > 0]
+            for k in range(n):
+                ids = toks[r * n + k][gmask[r * n + k] > 0]
                 ended = bool(len(ids) and ids[-1] == tok.end_id)
-                out[j * n + s] = {"text": tok.decode(ids).strip(), "ended": ended, "n_tokens": int(len(ids))}
+                out[j * n + k] = {"text": tok.decode(ids).strip(), "ended": ended, "n_tokens": int(len(ids))}
     return out
 
 

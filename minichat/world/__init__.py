@@ -22,6 +22,6 @@ def world_from_config(wcfg) -> World:
                        n_people=wcfg.n_people, arith_max=wcfg.arith_max)
 from .labelers import agreement_ceiling, bayes_accuracy, expected_accuracy, rank, win_probability
 
-__all__ = ["FAMILIES", "CORRECT_THRESHOLD", "World", "agreement_ceiling", "bayes_accuracy", "build_world", "expected_accuracy", "world_from_config",
-           "flawed_replies", "generate_corpus", "generate_dialogues", "is_correct", "judge",
+__all__ = ["FAMILIES", "CORRECT_THRESHOLD", "World", "agreement_ceiling", "bayes_accuracy", "build_world",
+           "expected_accuracy", "world_from_config", "flawed_replies", "generate_corpus", "generate_dialogues", "is_correct", "judge",
            "judge_breakdown", "rank", "to_prompt", "win_probability"]
