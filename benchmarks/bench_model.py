@@ -123,57 +123,73 @@ class JaxBench:
 # ---------------------------------------------------------------------------- torch
 
 
-class TorchBench:
-    def __init__(self, cfg: ModelConfig, batch: int):
-        import torch
-        import transformers
+def _best_threads(torch, fn) -> int:
+    """The faster of 1 thread and all cores for `fn(steps)`: on a busy machine torch's
+    OpenMP threads can spin-wait on each other and run many times slower with 2 than 1."""
+    best, chosen = float("inf"), torch.get_num_threads()
+    for n in sorted({1, torch.get_num_threads()}):
+        torch.set_num_threads(n)
+        fn(1)  # warm up
+        t = _timeit(fn, 1)
+        if t < best:
+            best, chosen = t, n
+    return chosen
 
-        transformers.logging.set_verbosity_error()
-        self.torch = torch
-        torch.manual_seed(0)
-        self.cfg, self.B, self.T = cfg, batch, cfg.block_size
-        self.model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-            n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, activation_function="gelu_new"))
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+
+class TorchTrainPeer:
+    """A torch training peer around a module mapping tokens to logits (`logits` reads them
+    from its output): AdamW with decay on matrices only, clip_grad_norm_, its best thread
+    count."""
+
+    def __init__(self, model, cfg: ModelConfig, batch: int, logits=lambda out: out):
+        import torch
+        self.torch, self.model, self.logits = torch, model, logits
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=3e-4, betas=(0.9, 0.95))
         g = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, cfg.vocab_size, (batch, self.T + 1), generator=g)
-        self.prompts = torch.randint(0, cfg.vocab_size, (SAMPLE_B, SAMPLE_P), generator=g)
-        # Give the peer its best thread count: on a busy machine torch's OpenMP threads
-        # can spin-wait on each other and run many times slower with 2 threads than with 1.
-        self.threads = {"train": torch.get_num_threads(), "sample": torch.get_num_threads()}
-        candidates = sorted({1, torch.get_num_threads()})
-        for task, fn in (("train", self.train), ("sample", self.sample)):
-            best = float("inf")
-            for n in candidates:
-                self.threads[task] = n
-                fn(1)  # warm up
-                t = _timeit(fn, 1)
-                if t < best:
-                    best, chosen = t, n
-            self.threads[task] = chosen
+        self.tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size + 1), generator=g)
+        self.threads = {"train": _best_threads(torch, self._train)}
 
-    def train(self, steps):
+    def _train(self, steps):
         torch, F = self.torch, self.torch.nn.functional
-        torch.set_num_threads(self.threads["train"])
         self.model.train()
         for _ in range(steps):
-            logits = self.model(self.tokens[:, :-1]).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                   self.tokens[:, 1:].reshape(-1))
+            logits = self.logits(self.model(self.tokens[:, :-1]))
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), self.tokens[:, 1:].reshape(-1))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
         float(loss.detach())
 
-    def sample(self, calls):
-        self.torch.set_num_threads(self.threads["sample"])
+    def train(self, steps):
+        self.torch.set_num_threads(self.threads["train"])
+        self._train(steps)
+
+
+class TorchBench(TorchTrainPeer):
+    """HF `GPT2LMHeadModel` of the same shape: training as above, and sampling with
+    `generate(do_sample=True, use_cache=True)`."""
+
+    def __init__(self, cfg: ModelConfig, batch: int):
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, activation_function="gelu_new"))
+        super().__init__(model, cfg, batch, logits=lambda out: out.logits)
+        g = torch.Generator().manual_seed(1)
+        self.prompts = torch.randint(0, cfg.vocab_size, (SAMPLE_B, SAMPLE_P), generator=g)
+        self.threads["sample"] = _best_threads(torch, self._sample)
+
+    def _sample(self, calls):
         self.model.eval()
         with self.torch.no_grad():
             for _ in range(calls):
@@ -181,6 +197,10 @@ class TorchBench:
                     self.prompts), do_sample=True, top_k=0, temperature=1.0,
                     max_new_tokens=SAMPLE_N, min_new_tokens=SAMPLE_N, use_cache=True,
                     pad_token_id=0)
+
+    def sample(self, calls):
+        self.torch.set_num_threads(self.threads["sample"])
+        self._sample(calls)
 
 
 def nanogpt_style(cfg: ModelConfig):
@@ -224,45 +244,8 @@ def nanogpt_style(cfg: ModelConfig):
                 x = block(x)
             return self.ln_f(x) @ self.wte.weight.T  # tied unembedding
 
+    torch.manual_seed(0)
     return GPTPeer()
-
-
-class TorchTrainPeer:
-    """A training-only torch peer around any module mapping tokens to logits."""
-
-    def __init__(self, model, cfg: ModelConfig, batch: int):
-        import torch
-        self.torch, self.model, self.cfg = torch, model, cfg
-        torch.manual_seed(0)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=3e-4, betas=(0.9, 0.95))
-        g = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size + 1), generator=g)
-        self.threads = {"train": torch.get_num_threads()}
-        best = float("inf")
-        for n in sorted({1, torch.get_num_threads()}):  # its best thread count, as above
-            self.threads["train"] = n
-            self.train(1)
-            t = _timeit(self.train, 1)
-            if t < best:
-                best, chosen = t, n
-        self.threads["train"] = chosen
-
-    def train(self, steps):
-        torch, F = self.torch, self.torch.nn.functional
-        torch.set_num_threads(self.threads["train"])
-        self.model.train()
-        for _ in range(steps):
-            logits = self.model(self.tokens[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), self.tokens[:, 1:].reshape(-1))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.opt.step()
-        float(loss.detach())
 
 
 # ---------------------------------------------------------------------------- main
