@@ -54,6 +54,24 @@ def win_probability(mu_i: float, mu_j: float, noise: float) -> float:
     return float(1.0 / (1.0 + np.exp(-(mu_i - mu_j) / noise)))
 
 
+def _set_lengths(length_sets, k: int, n: int):
+    return np.zeros(n) if length_sets is None else length_sets[k]
+
+
+def _pair_probabilities(score_sets, length_sets, noise: float, length_bias: float):
+    """(set k, i, j, P(i ranked above j)) for every pair i < j within each set."""
+    for k, scores in enumerate(score_sets):
+        mu = utilities(scores, _set_lengths(length_sets, k, len(scores)), length_bias=length_bias)
+        for i in range(len(mu)):
+            for j in range(i + 1, len(mu)):
+                yield k, i, j, win_probability(mu[i], mu[j], noise)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / max(len(values), 1))
+
+
 def agreement_ceiling(score_sets, length_sets=None, *, noise: float, length_bias: float = 0.0,
                       rng=None, n_sims: int = 0) -> float:
     """Expected agreement of two independent labelers on the pairs within each set.
@@ -62,28 +80,25 @@ def agreement_ceiling(score_sets, length_sets=None, *, noise: float, length_bias
     p^2 + (1 - p)^2, the mean over all pairs here. This is InstructGPT's yardstick for
     reward-model accuracy (inter-labeler agreement). It is not a hard upper bound: a model
     that always picks the likelier winner agrees with one labeler with probability
-    max(p, 1 - p) >= p^2 + (1 - p)^2 (`expected_accuracy` of the noise-free utilities).
+    max(p, 1 - p) >= p^2 + (1 - p)^2 (`bayes_accuracy`).
     The two coincide on ties (p = 1/2) and on clear-cut pairs (p near 0 or 1).
     With ``n_sims > 0`` the same quantity is estimated by simulating pairs of rankings.
     """
     if noise == 0:
         return 1.0  # deterministic labelers always agree (ties break the same way)
+    if not n_sims:
+        return _mean(p * p + (1 - p) * (1 - p)
+                     for *_, p in _pair_probabilities(score_sets, length_sets, noise, length_bias))
     agree, total = 0.0, 0
     gen = _rng(rng if rng is not None else 0)
     for k, scores in enumerate(score_sets):
-        lengths = np.zeros(len(scores)) if length_sets is None else length_sets[k]
-        mu = utilities(scores, lengths, length_bias=length_bias)
-        pairs = [(i, j) for i in range(len(mu)) for j in range(i + 1, len(mu))]
-        if n_sims:
-            for _ in range(n_sims):
-                a = rank(scores, lengths, gen, noise=noise, length_bias=length_bias)
-                b = rank(scores, lengths, gen, noise=noise, length_bias=length_bias)
-                pa, pb = np.argsort(a), np.argsort(b)  # position of each reply
-                agree += sum((pa[i] < pa[j]) == (pb[i] < pb[j]) for i, j in pairs) / n_sims
-        else:
-            for i, j in pairs:
-                p = win_probability(mu[i], mu[j], noise)
-                agree += p * p + (1 - p) * (1 - p)
+        lengths = _set_lengths(length_sets, k, len(scores))
+        pairs = [(i, j) for i in range(len(scores)) for j in range(i + 1, len(scores))]
+        for _ in range(n_sims):
+            a = rank(scores, lengths, gen, noise=noise, length_bias=length_bias)
+            b = rank(scores, lengths, gen, noise=noise, length_bias=length_bias)
+            pa, pb = np.argsort(a), np.argsort(b)  # position of each reply
+            agree += sum((pa[i] < pa[j]) == (pb[i] < pb[j]) for i, j in pairs) / n_sims
         total += len(pairs)
     return float(agree / max(total, 1))
 
@@ -95,23 +110,15 @@ def expected_accuracy(score_sets, reward_sets, length_sets=None, *, noise: float
     Accuracy on one sampled labeling is a noisy estimate (each pair's label is a coin with
     bias p); its expectation over labelings, sum over pairs of p [r_i > r_j] +
     (1 - p) [r_i < r_j] + 1/2 [r_i = r_j], is the same quantity without that noise. With the
-    labelers' own noise-free utilities as `reward_sets` it is the best expected accuracy any
-    scorer can reach (Bayes), mean max(p, 1 - p)."""
-    right, total = 0.0, 0
-    for k, (scores, rewards) in enumerate(zip(score_sets, reward_sets)):
-        lengths = np.zeros(len(scores)) if length_sets is None else length_sets[k]
-        mu = utilities(scores, lengths, length_bias=length_bias)
-        for i in range(len(mu)):
-            for j in range(i + 1, len(mu)):
-                p = win_probability(mu[i], mu[j], noise)
-                d = rewards[i] - rewards[j]
-                right += p if d > 0 else (1 - p) if d < 0 else 0.5
-                total += 1
-    return float(right / max(total, 1))
+    labelers' own noise-free utilities as `reward_sets` it is `bayes_accuracy`."""
+    def credit(k, i, j, p):
+        d = reward_sets[k][i] - reward_sets[k][j]
+        return p if d > 0 else (1 - p) if d < 0 else 0.5
+
+    return _mean(credit(*pair) for pair in _pair_probabilities(score_sets, length_sets, noise, length_bias))
 
 
 def bayes_accuracy(score_sets, length_sets=None, *, noise: float, length_bias: float = 0.0) -> float:
-    """The best expected accuracy against one labeler: always pick the likelier winner."""
-    mus = [utilities(s, np.zeros(len(s)) if length_sets is None else length_sets[k],
-                     length_bias=length_bias) for k, s in enumerate(score_sets)]
-    return expected_accuracy(score_sets, mus, length_sets, noise=noise, length_bias=length_bias)
+    """The best expected accuracy against one labeler, mean max(p, 1 - p): always pick the
+    likelier winner."""
+    return _mean(max(p, 1 - p) for *_, p in _pair_probabilities(score_sets, length_sets, noise, length_bias))
