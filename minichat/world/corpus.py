@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 
 from . import phrasings as P
-from .dialogues import arith_sentence, lower_first
+from .dialogues import arith_sentence, join_and, lower_first
 from .kb import ATTRIBUTES, PREMISE_ATTRIBUTES, World, a_an, fact_sentence, rebuttal, third_person
 
 DEFAULT_N_DOCS = 12_000  # ~2.4 MB of text, every fact stated >= ~70 times
@@ -239,10 +239,9 @@ def doc_notes(world, rng):
         else:
             said.append(fact_sentence(world, e, rng.choice([a for a in FACT_TEMPLATES if hasattr(e, a)])))
     recaps = [lower_first(x)[:-1] for x in said]
-    joined = ", ".join(recaps[:-1]) + (", and " if len(recaps) > 2 else " and ") + recaps[-1]
     head = rng.choice(["Notes from a chat.", "A recap of a chat.", "What one chat covered, in short."])
     lead = rng.choice(["The answers were:", "We learned:", "What was said:"])
-    return f"{head} {lead} {' '.join(said)} In summary: {joined}."
+    return f"{head} {lead} {' '.join(said)} In summary: {join_and(recaps)}."
 
 
 def doc_myths(world, rng):
