@@ -4,16 +4,19 @@ same run.
 
     python benchmarks/bench_reward.py                 # 16 pairs x 64 tokens, tiny GPT-2
     python benchmarks/bench_reward.py --k 4 --prompts 16 --seq 144   # the tiny stage's shape
-    python benchmarks/bench_reward.py --k 7 --seq 192 --lengths chatworld --pack
-                                      # the stage's batches: ChatWorld lengths, packed
+    python benchmarks/bench_reward.py --k 7 --seq 192 --lengths chatworld --pack --share-prefix
+                                      # the stage's batches: ChatWorld lengths, packed with
+                                      # each prompt laid out once for its K replies
 
 Shape: `--prompts` prompts x `--k` completions x `--seq` tokens (K = 2: pairs), right
 padded with random lengths in [seq/2, seq], on the tiny preset (4 layers, 4 heads, 128 wide,
 vocab 2048, 256 positions). `--lengths chatworld` draws lengths like the reward stage's
 comparisons instead: one prompt length per prompt (mean ~28 tokens, up to 100) plus a reply
 length per completion (mean ~20, up to 91), as measured on the default run. `--pack` lays
-minichat's sequences end to end (`minichat.reward.pack`, what the stage does); the peer,
-like TRL's collator, pads every row to the longest sequence of the batch.
+minichat's sequences end to end (`minichat.reward.pack`); with `--share-prefix` the K
+completions of a prompt (which then start with the same prompt tokens) are laid out as the
+prompt once and K branches, what the stage does. The peer, like TRL's collator, pads every
+row to the longest sequence of the batch.
 
 The peer is what TRL's `RewardTrainer` runs per step (Hugging Face
 `GPT2ForSequenceClassification` with one label, chosen and rejected concatenated into one
@@ -57,6 +60,8 @@ def make_batch(prompts: int, k: int, seq: int, seed: int = 0, lengths: str = "un
         prompt = np.clip(np.round(rng.lognormal(np.log(25), 0.45, (prompts, 1))), 6, 100)
         reply = np.clip(np.round(rng.lognormal(np.log(17), 0.6, (prompts, k))), 3, 91)
         lengths = np.minimum(prompt + reply, seq).astype(int)
+        shared = np.arange(seq)[None, :] < prompt  # the K completions share their prompt
+        tokens = np.where(shared[:, None, :], tokens[:, :1, :], tokens)
     else:
         lengths = rng.integers(seq // 2, seq + 1, size=(prompts, k))
     mask = (np.arange(seq)[None, None, :] < lengths[..., None]).astype(np.int32)
@@ -65,10 +70,11 @@ def make_batch(prompts: int, k: int, seq: int, seed: int = 0, lengths: str = "un
     return {"tokens": tokens, "mask": mask, "ranking": ranking, "valid": np.ones((prompts, k), bool)}
 
 
-def jax_runner(batch: dict, steps: int, packed: bool = False):
+def jax_runner(batch: dict, steps: int, packed: bool = False, share_prefix: bool = False):
     if packed:
         batch = {"ranking": batch["ranking"], "valid": batch["valid"],
-                 **pack(batch["tokens"], batch["mask"], row_multiple=4)}
+                 **pack(batch["tokens"], batch["mask"], row_multiple=4, share_prefix=share_prefix)}
+        print(f"packed into {len(batch['tokens'])} rows of {batch['tokens'].shape[1]}", flush=True)
     model = ScalarGPT.init(TINY, 0)
     graphdef, params = nnx.split(model, nnx.Param)
     tx, _ = make_optimizer(OptimConfig(lr=3e-4, warmup_steps=0), 1000)
@@ -133,10 +139,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lengths", choices=["uniform", "chatworld"], default="uniform")
-    ap.add_argument("--pack", action="store_true", help="pack minichat's batch as the stage does")
+    ap.add_argument("--pack", action="store_true", help="pack minichat's batch end to end")
+    ap.add_argument("--share-prefix", action="store_true",
+                    help="with --pack: each prompt once for its K completions (as the stage does)")
     args = ap.parse_args()
     batch = make_batch(args.prompts, args.k, args.seq, lengths=args.lengths)
-    runners = {"jax": jax_runner(batch, args.steps, packed=args.pack)}
+    runners = {"jax": jax_runner(batch, args.steps, packed=args.pack, share_prefix=args.share_prefix)}
     try:
         runners["torch"] = torch_runner(batch, args.steps)
     except ImportError:
@@ -146,7 +154,7 @@ def main() -> None:
         for name, run in runners.items():
             times[name].append(timed(run, args.steps))
     out = {"shape": {"prompts": args.prompts, "k": args.k, "seq": args.seq, "model": "tiny",
-                     "lengths": args.lengths, "pack": args.pack,
+                     "lengths": args.lengths, "pack": args.pack, "share_prefix": args.share_prefix,
                      "real_tokens": int(batch["mask"].sum())},
            "backend": jax.default_backend()}
     for name, ts in times.items():

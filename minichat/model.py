@@ -372,17 +372,24 @@ class GPT(nnx.Module):
 
     # ---------------------------------------------------------------- forward passes
 
-    def __call__(self, tokens, mask=None, *, segments=None, deterministic=True):
+    def __call__(self, tokens, mask=None, *, segments=None, branches=None, deterministic=True):
         """tokens: (B, T) int32; mask: (B, T), 1 = real token, 0 = padding (left or right).
         segments: optional (B, T) ids of sequences packed into one row; a token attends
         only to earlier tokens of its own segment, and positions restart per segment.
+        branches: optional (B, T) ids that turn each segment into a tree: a shared prefix
+        (branch 0) followed by continuations (branches 1, 2, ...) laid end to end. A
+        continuation token attends to the prefix and to earlier tokens of its own branch,
+        and its positions continue from the prefix's, so every branch is computed as if
+        it were prefix + branch alone (K replies to one prompt: the prompt runs once).
 
         Returns (logits (B, T, V) float32, hidden (B, T, C) float32 after ln_f).
         """
-        hidden = self.hidden_states(tokens, mask, segments=segments, deterministic=deterministic)
+        hidden = self.hidden_states(tokens, mask, segments=segments, branches=branches,
+                                    deterministic=deterministic)
         return self.unembed(hidden), hidden
 
-    def hidden_states(self, tokens, mask=None, *, segments=None, deterministic=True):
+    def hidden_states(self, tokens, mask=None, *, segments=None, branches=None,
+                      deterministic=True):
         """Final hidden states after ln_f, (B, T, C) float32; no unembedding."""
         B, T = tokens.shape
         mask = jnp.ones((B, T), jnp.int32) if mask is None else mask.astype(jnp.int32)
@@ -390,7 +397,15 @@ class GPT(nnx.Module):
         allowed = causal[None, None] & (mask[:, None, None, :] > 0)  # (B, 1, T, T)
         if segments is not None:  # block-diagonal: packed sequences never see each other
             allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
-        x = self.embed(tokens, positions_from_mask(mask, segments), deterministic)
+        if branches is None:
+            positions = positions_from_mask(mask, segments)
+        else:
+            key_branch = branches[:, None, None, :]
+            allowed = allowed & ((key_branch == 0) | (key_branch == branches[:, None, :, None]))
+            # a token's position is the number of real tokens it sees before itself, which
+            # is what it would be in its own prefix + branch sequence
+            positions = jnp.maximum(jnp.sum(allowed[:, 0], axis=-1, dtype=jnp.int32) - 1, 0)
+        x = self.embed(tokens, positions, deterministic)
         for block in self.h:
             if self.config.remat:
                 x = _block_forward_remat(block, x, allowed, deterministic)
@@ -475,11 +490,11 @@ class ScalarGPT(nnx.Module):
         nnx.update(model.transformer, trunk)
         return model
 
-    def __call__(self, tokens, mask=None, *, segments=None, deterministic=True):
+    def __call__(self, tokens, mask=None, *, segments=None, branches=None, deterministic=True):
         """(B, T) float32: the head applied to every position's final hidden state.
-        `segments`: packed sequences, as in `GPT.__call__`."""
+        `segments`, `branches`: packed sequences and shared prefixes, as in `GPT.__call__`."""
         hidden = self.transformer.hidden_states(tokens, mask, segments=segments,
-                                                deterministic=deterministic)
+                                                branches=branches, deterministic=deterministic)
         return self.head(hidden)[..., 0].astype(jnp.float32)
 
 

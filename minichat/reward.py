@@ -408,7 +408,18 @@ def score(model, tokens: jax.Array, mask: jax.Array, bias=0.0) -> jax.Array:
     return gather_at(values, last_token_index(mask)) + jnp.asarray(bias, jnp.float32)
 
 
-def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1) -> dict:
+def shared_prefix(tokens: np.ndarray, lengths: np.ndarray) -> int:
+    """Length of the longest common prefix of right-padded sequences (N, T) of `lengths`,
+    at most min(lengths) - 1, so that every sequence keeps its own last token."""
+    n = int(lengths.min()) - 1
+    if n <= 0:
+        return 0
+    same = (tokens[:, :n] == tokens[:1, :n]).all(0)
+    return n if same.all() else int(np.argmin(same))
+
+
+def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1,
+         share_prefix: bool = False) -> dict:
     """Right-padded sequences (..., T) laid end to end in rows of T tokens.
 
     Returns {"tokens", "mask", "segments"} (R, T), segment ids unique per sequence (0 =
@@ -420,36 +431,86 @@ def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1) -> dict:
     restart at 0 (`GPT.hidden_states`), so it gets the reward it would get alone
     (tests/test_reward.py). First fit decreasing; R is rounded up to `row_multiple` so that
     the steps share few shapes (few compiles).
+
+    `share_prefix`: the K sequences of each (..., K, T) group are [prompt | reply k], so
+    their common prefix (the prompt) is laid out once, followed by each one's own tokens,
+    with "branches" (R, T) (0 = the prefix, k + 1 = sequence k; see `GPT.__call__`). On
+    ChatWorld's comparisons that is half the tokens (a 30-token prompt, 7 replies of ~19)
+    and 0.55x the rows, and every sequence still gets the reward it would get alone. A
+    repeated sequence of a group (a small policy often samples the same reply twice) is
+    laid out once and shares its copy's end: identical replies get bit-identical rewards,
+    which a tie-aware accuracy relies on. A group that does not fit in a row's free space
+    is split, each part with its own copy of the prefix.
     """
     T = tokens.shape[-1]
+    K = tokens.shape[-2] if share_prefix else 1
     flat_t, flat_m = tokens.reshape(-1, T), mask.reshape(-1, T) != 0
     lengths = flat_m.sum(-1)
     if (flat_m != (np.arange(T) < lengths[:, None])).any():
         raise ValueError("pack: every sequence must be right-padded (real tokens first)")
-    order = np.argsort(-lengths, kind="stable")  # longest first
-    placed, rows = first_fit(lengths[order], T)
-    where = np.empty_like(placed)  # (row, first column) of each sequence, in listing order
-    where[order] = placed
-    R = max(-(-rows // row_multiple), 1) * row_multiple
+    groups = []  # (prefix length, its sequences), each sequence's own part n - L > 0
+    same_as: dict[int, int] = {}  # a repeated sequence of a group -> its first copy
+    for g in range(0, len(flat_t), K):
+        seqs, first = [], {}
+        for i in range(g, g + K):
+            if lengths[i]:
+                key = flat_t[i, :lengths[i]].tobytes()
+                if K > 1 and key in first:
+                    same_as[i] = first[key]
+                else:
+                    first[key] = i
+                    seqs.append(i)
+        if seqs:
+            groups.append((shared_prefix(flat_t[seqs], lengths[seqs]) if K > 1 else 0, seqs))
+    size = lambda L, seqs: L + sum(int(lengths[i]) - L for i in seqs)
+    groups.sort(key=lambda g: -size(*g))  # first fit decreasing
+    free: list[int] = []  # free columns left in each row
+    units = []  # (row, column, prefix length, sequences)
+    for L, todo in groups:
+        todo = sorted(todo, key=lambda i: -lengths[i])
+        while todo:  # the first row that takes the whole group, else the prefix + one reply
+            j = next((j for j in range(len(free)) if free[j] >= size(L, todo)), None)
+            if j is None:
+                j = next((j for j in range(len(free)) if free[j] >= size(L, todo[-1:])), len(free))
+                free += [T] * (j == len(free))
+            take, room = [], free[j] - L
+            for i in todo:
+                if lengths[i] - L <= room:
+                    take.append(i)
+                    room -= lengths[i] - L
+            units.append((j, T - free[j], L, take))
+            free[j], todo = room, [i for i in todo if i not in take]
+    R = max(-(-len(free) // row_multiple), 1) * row_multiple
     out = {"tokens": np.zeros((R, T), flat_t.dtype), "mask": np.zeros((R, T), np.int32),
            "segments": np.zeros((R, T), np.int32)}
+    branches = np.zeros((R, T), np.int32)
     ends = np.zeros(len(lengths), np.int32)
-    for i, n in enumerate(lengths):
-        if n:
-            r, c = where[i]
-            out["tokens"][r, c:c + n] = flat_t[i, :n]
-            out["mask"][r, c:c + n] = 1
-            out["segments"][r, c:c + n] = i + 1
-            ends[i] = r * T + c + n - 1
+    for r, c, L, seqs in units:  # segment id: the unit's first sequence + 1
+        n = size(L, seqs)
+        out["mask"][r, c:c + n] = 1
+        out["segments"][r, c:c + n] = seqs[0] + 1
+        out["tokens"][r, c:c + L] = flat_t[seqs[0], :L]
+        c += L
+        for k, i in enumerate(seqs):
+            out["tokens"][r, c:c + lengths[i] - L] = flat_t[i, L:lengths[i]]
+            branches[r, c:c + lengths[i] - L] = k + 1
+            c += lengths[i] - L
+            ends[i] = r * T + c - 1
+    for i, j in same_as.items():
+        ends[i] = ends[j]
+    if share_prefix:
+        out["branches"] = branches
     out["ends"] = ends.reshape(tokens.shape[:-1])
     return out
 
 
 def batch_rewards(model, batch: dict) -> jax.Array:
     """(B, K) rewards of a comparison batch (K rows per prompt, one forward): (B, K, T)
-    right-padded rows, or the same `pack`ed (then with "segments" and "ends")."""
+    right-padded rows, or the same `pack`ed (then with "segments", "ends" and, with shared
+    prompts, "branches")."""
     if "ends" in batch:
-        values = model(batch["tokens"], batch["mask"], segments=batch["segments"])
+        values = model(batch["tokens"], batch["mask"], segments=batch["segments"],
+                       branches=batch.get("branches"))
         return values.reshape(-1)[batch["ends"]]
     B, K, T = batch["tokens"].shape
     r = score(model, batch["tokens"].reshape(B * K, T), batch["mask"].reshape(B * K, T))
@@ -481,23 +542,24 @@ def make_step(graphdef, tx, rest=None):
 
 
 class Scorer:
-    """Rewards of many right-padded (T,)-wide sequences, `pack`ed and scored in chunks of
-    `rows_per_call` rows: one compile in all."""
+    """Rewards of many right-padded (N, K, T) sequences (K replies per prompt), `pack`ed
+    with their prompts shared and scored in chunks of `rows_per_call` rows: one compile in
+    all."""
 
     def __init__(self, graphdef, rest, rows_per_call: int, mesh):
         from flax import nnx
         rest = () if rest is None else (rest,)
-        self.fn = jax.jit(lambda p, t, m, s: nnx.merge(graphdef, p, *rest)(t, m, segments=s))
+        self.fn = jax.jit(lambda p, t, m, s, b: nnx.merge(graphdef, p, *rest)(
+            t, m, segments=s, branches=b))
         self.rows, self.mesh = rows_per_call, mesh
 
     def __call__(self, params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         from minichat.parallel import gather, shard_batch
-        packed = pack(tokens, mask, self.rows)
-        values = []
+        packed = pack(tokens, mask, self.rows, share_prefix=True)
+        keys, values = ("tokens", "mask", "segments", "branches"), []
         for i in range(0, len(packed["tokens"]), self.rows):
-            b = shard_batch({k: packed[k][i:i + self.rows] for k in ("tokens", "mask", "segments")},
-                            self.mesh)
-            values.append(gather(self.fn(params, b["tokens"], b["mask"], b["segments"])))
+            b = shard_batch({k: packed[k][i:i + self.rows] for k in keys}, self.mesh)
+            values.append(gather(self.fn(params, *(b[k] for k in keys))))
         return np.concatenate(values).reshape(-1)[packed["ends"]]
 
 
@@ -643,7 +705,7 @@ def train(model, *, stage: str, run_dir: str, cfg, mesh, data: dict, heldout: di
     row_multiple = math.lcm(4, mesh_size(mesh))  # few shapes; rows split evenly over devices
     for step in bar:
         batch = {k: v[batches[step]] for k, v in data.items()}
-        batch.update(pack(batch.pop("tokens"), batch.pop("mask"), row_multiple))
+        batch.update(pack(batch.pop("tokens"), batch.pop("mask"), row_multiple, share_prefix=True))
         params, opt_state, m = step_fn(params, opt_state, shard_batch(batch, mesh))
         loss = to_host(m["loss"])
         if not math.isfinite(loss):

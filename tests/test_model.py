@@ -211,6 +211,35 @@ def test_packed_segments_equal_separate_rows(split, lengths, pad, seed):
         start += len(seq)
 
 
+@settings(max_examples=10)
+@given(prefixes=st.lists(st.integers(1, 4), min_size=1, max_size=2),
+       tails=st.lists(st.integers(1, 3), min_size=1, max_size=3), pad=st.integers(0, 2),
+       seed=st.integers(0, 2**16))
+def test_shared_prefix_branches_equal_separate_rows(split, prefixes, tails, pad, seed):
+    """Segments laid out as trees (a prefix once, then several continuations with branch
+    ids 1, 2, ...) give every continuation the logits of prefix + continuation alone, and
+    the prefix its own logits: a continuation sees the prefix and itself, never a sibling,
+    and its positions go on from the prefix's."""
+    graphdef, state = split
+    model = nnx.merge(graphdef, state)
+    rng = np.random.default_rng(seed)
+    draw = lambda n: rng.integers(0, CFG.vocab_size, n).astype(np.int32)
+    row, segments, branches, expected = [], [], [], []
+    for s, L in enumerate(prefixes):
+        prefix, conts = draw(L), [draw(n) for n in tails]
+        row += [prefix, *conts]
+        segments += [np.full(L + sum(tails), s + 1)]
+        branches += [np.zeros(L, np.int32)] + [np.full(n, k + 1) for k, n in enumerate(tails)]
+        alone = [np.asarray(model(jnp.asarray(np.concatenate([prefix, c])[None]))[0][0]) for c in conts]
+        expected += [alone[0][:L]] + [a[L:] for a in alone]
+    row, segments, branches = (np.concatenate(x + [np.zeros(pad, np.int32)])[None]
+                               for x in (row, segments, branches))
+    logits, _ = model(jnp.asarray(row), jnp.asarray((segments > 0).astype(np.int32)),
+                      segments=jnp.asarray(segments), branches=jnp.asarray(branches))
+    n = row.shape[1] - pad
+    np.testing.assert_allclose(logits[0, :n], np.concatenate(expected), atol=1e-5)
+
+
 def test_fully_padded_rows_are_finite(gpt):
     mask = jnp.zeros((B, T), jnp.int32).at[1].set(1)
     logits, hidden = gpt(_tokens(1), mask)

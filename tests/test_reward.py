@@ -187,16 +187,52 @@ def test_pack_places_every_sequence_whole_and_once(lengths, row_multiple):
     assert R <= row_multiple * -(-max(1, 2 * -(-sum(lengths) // T) + 1) // row_multiple)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.lists(st.integers(0, 12), min_size=1, max_size=4)),
+                min_size=1, max_size=5), st.integers(1, 3), st.integers(0, 99))
+def test_pack_with_shared_prefixes_rebuilds_every_sequence(groups, row_multiple, seed):
+    """Each group's sequences share a prompt (some with a longer common start, some empty,
+    some longer than a row's free space so the group splits): following `branches` back
+    from `ends` rebuilds every sequence exactly, from its prefix (branch 0) and its own
+    branch, in one segment."""
+    T, K = 24, max(len(replies) for _, replies in groups)
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((len(groups), K, T), np.int64)
+    mask = np.zeros((len(groups), K, T), np.int32)
+    for g, (P, replies) in enumerate(groups):
+        prompt = rng.integers(1, 5, P)  # a small alphabet: replies often share first tokens
+        for k, n in enumerate(replies):
+            seq = np.concatenate([prompt, rng.integers(1, 5, n)])[:T]
+            tokens[g, k, :len(seq)], mask[g, k, :len(seq)] = seq, 1
+    p = pack(tokens, mask, row_multiple, share_prefix=True)
+    assert len(p["tokens"]) % row_multiple == 0 and p["mask"].sum() <= mask.sum()
+    for g in range(len(groups)):
+        for k in range(K):
+            n = mask[g, k].sum()
+            if not n:
+                continue
+            e = int(p["ends"][g, k])
+            r, c = divmod(e, T)
+            seg, br = p["segments"][r], p["branches"][r]
+            assert br[c] > 0  # every sequence keeps its last token in its own branch
+            own = (seg == seg[c]) & ((br == 0) | (br == br[c])) & (np.arange(T) <= c)
+            np.testing.assert_array_equal(p["tokens"][r][own], tokens[g, k, :n])
+
+
 def test_pack_rejects_left_padding():
     with pytest.raises(ValueError, match="right-padded"):
         pack(np.ones((1, 4), np.int32), np.array([[0, 1, 1, 1]]))
 
 
-def test_packed_batch_gives_the_padded_rewards_loss_and_gradient(tok, rm):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_packed_batch_gives_the_padded_rewards_loss_and_gradient(tok, rm, share_prefix):
     rows = kway_rows([3, 2, 4])
     d = encode_comparisons(tok, rows, 192)
-    packed = {**{k: d[k] for k in ("ranking", "valid")}, **pack(d["tokens"], d["mask"])}
+    packed = {**{k: d[k] for k in ("ranking", "valid")},
+              **pack(d["tokens"], d["mask"], share_prefix=share_prefix)}
     assert len(packed["tokens"]) < d["valid"].sum()  # the point of packing: fewer rows
+    if share_prefix:  # each prompt once: fewer tokens than the sequences hold
+        assert packed["mask"].sum() < d["mask"].sum() - 2 * len(rows)
     padded_r, packed_r = batch_rewards(rm, d), batch_rewards(rm, packed)
     np.testing.assert_allclose(np.where(d["valid"], packed_r, 0), np.where(d["valid"], padded_r, 0), atol=1e-5)
     graphdef, params = nnx.split(rm)
@@ -208,6 +244,20 @@ def test_packed_batch_gives_the_padded_rewards_loss_and_gradient(tok, rm):
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-3)
+
+
+def test_repeated_replies_are_laid_out_once_and_tie_exactly(tok, rm):
+    """A policy often samples the same reply twice: with shared prefixes, the copy is not
+    laid out again and gets the bit-identical reward (so it ties, as in the padded batch)."""
+    row = kway_rows([3])[0]
+    row["completions"] = [row["completions"][0], row["completions"][1], row["completions"][0]]
+    d = encode_comparisons(tok, [row], 160)
+    p = pack(d["tokens"], d["mask"], share_prefix=True)
+    n = d["mask"].sum(-1)[0]
+    prompt = len(tok.render_prompt(row["messages"]))
+    assert p["mask"].sum() <= n[0] + n[1] - prompt and p["ends"][0, 0] == p["ends"][0, 2]
+    r = np.asarray(batch_rewards(rm, {**p, "ranking": d["ranking"], "valid": d["valid"]}))
+    assert r[0, 0] == r[0, 2] and r[0, 0] != r[0, 1]
 
 
 @settings(max_examples=25)
