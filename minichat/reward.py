@@ -418,6 +418,50 @@ def shared_prefix(tokens: np.ndarray, lengths: np.ndarray) -> int:
     return n if same.all() else int(np.argmin(same))
 
 
+def _prefix_groups(flat_t: np.ndarray, lengths: np.ndarray, K: int):
+    """Consecutive groups of K sequences as (prefix length, sequences to lay out), and
+    {repeated sequence: its first copy in the group} (K = 1: no prefix, no repeats)."""
+    groups, same_as = [], {}
+    for g in range(0, len(flat_t), K):
+        seqs, first = [], {}
+        for i in range(g, g + K):
+            if lengths[i]:
+                key = flat_t[i, :lengths[i]].tobytes()
+                if K > 1 and key in first:
+                    same_as[i] = first[key]
+                else:
+                    first[key] = i
+                    seqs.append(i)
+        if seqs:
+            groups.append((shared_prefix(flat_t[seqs], lengths[seqs]) if K > 1 else 0, seqs))
+    return groups, same_as
+
+
+def _first_fit_groups(groups: list, lengths: np.ndarray, T: int):
+    """First fit decreasing of prefix groups into rows of T: a group goes whole into the
+    first row with room for it; else the first row with room for its prefix and its
+    shortest sequence takes the prefix and as many sequences as fit, and the rest goes on.
+    Returns ([(row, column, prefix length, sequences)], rows used)."""
+    size = lambda L, seqs: L + sum(int(lengths[i]) - L for i in seqs)
+    free: list[int] = []  # free columns left in each row
+    units = []
+    for L, todo in sorted(groups, key=lambda g: -size(*g)):
+        todo = sorted(todo, key=lambda i: -lengths[i])
+        while todo:
+            j = next((j for j in range(len(free)) if free[j] >= size(L, todo)), None)
+            if j is None:
+                j = next((j for j in range(len(free)) if free[j] >= size(L, todo[-1:])), len(free))
+                free += [T] * (j == len(free))
+            take, room = [], free[j] - L
+            for i in todo:
+                if lengths[i] - L <= room:
+                    take.append(i)
+                    room -= lengths[i] - L
+            units.append((j, T - free[j], L, take))
+            free[j], todo = room, [i for i in todo if i not in take]
+    return units, len(free)
+
+
 def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1,
          share_prefix: bool = False) -> dict:
     """Right-padded sequences (..., T) laid end to end in rows of T tokens.
@@ -448,45 +492,15 @@ def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1,
     lengths = flat_m.sum(-1)
     if (flat_m != (np.arange(T) < lengths[:, None])).any():
         raise ValueError("pack: every sequence must be right-padded (real tokens first)")
-    groups = []  # (prefix length, its sequences), each sequence's own part n - L > 0
-    same_as: dict[int, int] = {}  # a repeated sequence of a group -> its first copy
-    for g in range(0, len(flat_t), K):
-        seqs, first = [], {}
-        for i in range(g, g + K):
-            if lengths[i]:
-                key = flat_t[i, :lengths[i]].tobytes()
-                if K > 1 and key in first:
-                    same_as[i] = first[key]
-                else:
-                    first[key] = i
-                    seqs.append(i)
-        if seqs:
-            groups.append((shared_prefix(flat_t[seqs], lengths[seqs]) if K > 1 else 0, seqs))
-    size = lambda L, seqs: L + sum(int(lengths[i]) - L for i in seqs)
-    groups.sort(key=lambda g: -size(*g))  # first fit decreasing
-    free: list[int] = []  # free columns left in each row
-    units = []  # (row, column, prefix length, sequences)
-    for L, todo in groups:
-        todo = sorted(todo, key=lambda i: -lengths[i])
-        while todo:  # the first row that takes the whole group, else the prefix + one reply
-            j = next((j for j in range(len(free)) if free[j] >= size(L, todo)), None)
-            if j is None:
-                j = next((j for j in range(len(free)) if free[j] >= size(L, todo[-1:])), len(free))
-                free += [T] * (j == len(free))
-            take, room = [], free[j] - L
-            for i in todo:
-                if lengths[i] - L <= room:
-                    take.append(i)
-                    room -= lengths[i] - L
-            units.append((j, T - free[j], L, take))
-            free[j], todo = room, [i for i in todo if i not in take]
-    R = max(-(-len(free) // row_multiple), 1) * row_multiple
+    groups, same_as = _prefix_groups(flat_t, lengths, K)
+    units, rows = _first_fit_groups(groups, lengths, T)
+    R = max(-(-rows // row_multiple), 1) * row_multiple
     out = {"tokens": np.zeros((R, T), flat_t.dtype), "mask": np.zeros((R, T), np.int32),
            "segments": np.zeros((R, T), np.int32)}
     branches = np.zeros((R, T), np.int32)
     ends = np.zeros(len(lengths), np.int32)
     for r, c, L, seqs in units:  # segment id: the unit's first sequence + 1
-        n = size(L, seqs)
+        n = L + sum(int(lengths[i]) - L for i in seqs)
         out["mask"][r, c:c + n] = 1
         out["segments"][r, c:c + n] = seqs[0] + 1
         out["tokens"][r, c:c + L] = flat_t[seqs[0], :L]
