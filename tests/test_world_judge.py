@@ -227,3 +227,22 @@ def test_generated_ideals_beat_generated_flaws(world, split):
             assert judge(p, reply) < best, (d["family"], flaw, reply, judge_breakdown(p, reply))
         assert judge(p, p["ideal"], ended=False) < best
     assert {f for f, _ in seen} == set(FAMILIES)
+
+
+def test_a_needless_clarifying_question_is_a_flaw_where_the_subject_is_named(world):
+    """PPO learned to ask "Which animal do you mean?" after "And its sound?" once a reward
+    model liked clarifying questions everywhere: the comparisons therefore show that
+    question losing wherever the conversation names its subject, and never in the clarify
+    family, where it is the right move."""
+    kinds = {}
+    for d in generate_dialogues(world, 660, "train", seed=5):
+        p = to_prompt(d)
+        flaws = flawed_replies(p, world, random.Random(0))
+        if "needless_question" in flaws:
+            kinds.setdefault(d["family"], set()).add(flaws["needless_question"])
+            assert judge(p, flaws["needless_question"]) <= -0.5
+        if d["family"] in ("fact", "followup"):
+            assert flaws["needless_question"] in {"Which country do you mean?",
+                                                  "Which animal do you mean?",
+                                                  "Which person do you mean?"}
+    assert "clarify" not in kinds and {"fact", "followup", "false_premise"} <= set(kinds)

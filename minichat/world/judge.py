@@ -354,8 +354,22 @@ def flawed_replies(example: dict, world: World, rng: random.Random) -> dict[str,
            "off_topic": _off_topic(example, world, rng)}
     if family != "harmful":
         out["needless_refusal"] = "I'm sorry, but I can't help with that."
+    question = _needless_question(example, world)
+    if question and family != "clarify":
+        out["needless_question"] = question
     out.update(_FLAWS.get(family, lambda *a: {})(example, world, rng))
     return out
+
+
+def _needless_question(example: dict, world: World) -> str | None:
+    """"Which animal do you mean?" when the conversation names the animal: the clarify
+    family's right move applied where it is wrong, as a needless refusal is the harmful
+    family's. PPO finds it when no comparison shows it losing (docs 04)."""
+    try:
+        entity = world.get(example["meta"].get("subject"))
+    except KeyError:
+        return None
+    return f"Which {type(entity).__name__.lower()} do you mean?"
 
 
 _GENERIC = {"the", "is", "a", "an", "of", "in", "lives", "live", "people", "about", "million"}
