@@ -27,7 +27,7 @@ The stage (below the losses)
   labeler (Bradley-Terry / Gumbel noise, optional length bias), written as K-way JSONL
   (``<stage>/comparisons_{train,heldout}.jsonl``, with ``gold``/``ended``/``family``/``meta``).
 * ``run(cfg, run_dir, tok, mesh, stage="reward", comparisons_stage="comparisons")``: the
-  RM = SFT trunk + scalar head (``ScalarGPT.from_gpt``), one epoch of ``rm_loss`` with a
+  RM = SFT trunk + scalar head (``ScalarGPT.from_gpt``), two epochs of ``rm_loss`` with a
   decaying learning rate, the [prompt | reply | <|end|>] sequences of each batch ``pack``ed
   end to end into rows;
   then the normalisation bias, the held-out evaluation (pairwise accuracy beside the labelers'
@@ -675,7 +675,7 @@ def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[np.nd
 
 def train(model, *, stage: str, run_dir: str, cfg, mesh, data: dict, heldout: dict, scorer_rows: int,
           demo_data: dict):
-    """One epoch (by default) of the K-way loss with a decaying learning rate; resumable,
+    """`reward.epochs` epochs (2 by default) of the K-way loss with a decaying learning rate; resumable,
     logged, checkpointed. The final checkpoint is written after the normalisation bias is
     known, with the bias in its metadata. Returns (model, bias, metrics rows,
     {"heldout": (N, K) and "demos": normalised rewards})."""
