@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minichat.data import DataError, first_fit, load_comparisons, write_jsonl
+from minichat.data import DataError, load_comparisons, write_jsonl
 
 __all__ = [
     "rm_loss",
@@ -448,10 +448,12 @@ def _first_fit_groups(groups: list, lengths: np.ndarray, T: int):
     for L, todo in sorted(groups, key=lambda g: -size(*g)):
         todo = sorted(todo, key=lambda i: -lengths[i])
         while todo:
-            j = next((j for j in range(len(free)) if free[j] >= size(L, todo)), None)
+            whole, least = size(L, todo), size(L, todo[-1:])  # the group; prefix + shortest
+            j = next((j for j in range(len(free)) if free[j] >= whole), None)
             if j is None:
-                j = next((j for j in range(len(free)) if free[j] >= size(L, todo[-1:])), len(free))
-                free += [T] * (j == len(free))
+                j = next((j for j in range(len(free)) if free[j] >= least), len(free))
+                if j == len(free):
+                    free.append(T)
             take, room = [], free[j] - L
             for i in todo:
                 if lengths[i] - L <= room:
