@@ -199,6 +199,12 @@ def compare_evals(run_dir: str, a: str, b: str) -> dict | None:
     return out
 
 
+def stage_title(stage: str) -> str:
+    """"ppo" -> "PPO", "ppo_r2" -> "PPO round 2" (the stage names of `rounds`)."""
+    name, _, r = stage.partition("_r")
+    return name.upper() + (f" round {r}" if r else "")
+
+
 def run_report(cfg, run_dir: str, tok=None, mesh=None) -> dict:
     """Write runs/<run>/report.md and collect the plots into runs/<run>/plots/."""
     import json
@@ -247,8 +253,8 @@ def run_report(cfg, run_dir: str, tok=None, mesh=None) -> dict:
         tables["SFT sampled"] = done["sft"]["eval"]["sampled"]
     for stage in policy_stages(run_dir):
         if "eval" in done[stage]:
-            tables[f"{stage.upper()} greedy"] = done[stage]["eval"]["greedy"]
-            tables[f"{stage.upper()} sampled"] = done[stage]["eval"]["sampled"]
+            tables[f"{stage_title(stage)} greedy"] = done[stage]["eval"]["greedy"]
+            tables[f"{stage_title(stage)} sampled"] = done[stage]["eval"]["sampled"]
     if tables:
         md += ["", "## Gold judge on held-out prompts, by dialogue family", "",
                "Share of replies judged correct (mean gold score in brackets, range [-1, 1]); held-out "
@@ -262,7 +268,7 @@ def run_report(cfg, run_dir: str, tok=None, mesh=None) -> dict:
     if final and "sft" in done:
         cmp_ = compare_evals(run_dir, final, "sft")
         if cmp_:
-            md += ["", f"## {final.upper()} against SFT", "",
+            md += ["", f"## {stage_title(final)} against SFT", "",
                    "Per held-out prompt, the gold judge scores both replies; a win is a higher score "
                    "(ties count half). Intervals are 95% normal approximations over prompts.", "",
                    "| decoding | win rate | mean score difference | wins / ties / losses |", "|---|---|---|---|"]
@@ -279,7 +285,7 @@ def run_report(cfg, run_dir: str, tok=None, mesh=None) -> dict:
             for ppo_row, sft_row in pick_samples(cmp_["examples"]):
                 turns = "\n".join(f"> **{t['role']}**: {t['content']}  " for t in ppo_row["messages"])
                 md += [f"*{ppo_row['family']}*", "", turns, f"> **SFT**: {sft_row['greedy']['reply']}  ",
-                       f"> **{final.upper()}**: {ppo_row['greedy']['reply']}", ""]
+                       f"> **{stage_title(final)}**: {ppo_row['greedy']['reply']}", ""]
     elif "sft" in done and done["sft"].get("samples"):
         md += ["", "## Sample conversations (SFT, greedy)", ""]
         md += ["\n".join("> " + ln + "  " for ln in s.splitlines()) + "\n" for s in done["sft"]["samples"][:6]]

@@ -1171,6 +1171,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     if has_gold and main:
         plot_overoptimization(rows_all, bon, os.path.join(sdir, "overoptimization.png"))
     summary = summarise(rows_all, bon, stage, t_train)
+    summary.update(policy_stage=policy_stage, reward_stage=reward_stage, ref_stage=ref_stage)
     # The held-out evaluation samples on one host's devices: a multi-host run skips it (as
     # pretraining skips its samples); evaluate the checkpoint in a single process afterwards.
     if has_gold and pcfg.evaluate and jax.process_count() == 1:

@@ -144,6 +144,55 @@ def cli(args, cwd, env=None, check=True):
     return proc
 
 
+# The whole pipeline at toy sizes: every stage runs for real (~80 s on 2 cores, compiles included).
+TOY_PIPELINE = [
+    "run_dir=run", "progress=false", "compilation_cache=", "rounds=2",
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=128",
+    "model.vocab_size=512", "tokenizer.vocab_size=512",
+    "world.n_docs=400", "world.n_dialogues=200", "world.n_heldout=1",
+    "pretrain.steps=20", "pretrain.eval_every=10", "pretrain.checkpoint_every=10",
+    "pretrain.batch_size=8", "pretrain.seq_len=64", "pretrain.eval_batches=2",
+    "sft.steps=10", "sft.eval_every=5", "sft.checkpoint_every=5", "sft.batch_size=8", "sft.max_new_tokens=16",
+    "reward.n_prompts=32", "reward.n_heldout=8", "reward.epochs=1", "reward.batch_size=8",
+    "reward.eval_every=2", "reward.checkpoint_every=2", "reward.n_norm=16", "reward.sample_batch_size=32",
+    "reward.max_new_tokens=16",
+    "ppo.iterations=2", "ppo.batch_size=8", "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "ppo.epochs=1",
+    "ppo.max_new_tokens=8", "ppo.n_prompts=64", "ppo.best_of_n=[1,2]", "ppo.best_of_n_prompts=8",
+    "ppo.checkpoint_every=1",
+]
+
+
+def test_the_main_command_runs_every_stage_and_two_rounds_then_resumes_with_nothing_to_do(tmp_path):
+    from minichat.checkpoint import read_done
+
+    cli(TOY_PIPELINE, tmp_path)
+    run = str(tmp_path / "run")
+    stages = ["tokenizer", "pretrain", "sft", "comparisons", "reward", "ppo",
+              "comparisons_r2", "reward_r2", "ppo_r2", "report"]
+    done = {s: read_done(run, s) for s in stages}
+    # round 2 samples from round 1's policy, goes on from its reward model, and starts PPO
+    # from its policy, always with SFT as the KL reference
+    assert done["comparisons_r2"]["policy_stage"] == "ppo"
+    assert done["reward_r2"]["init_stage"] == "reward"
+    assert done["reward_r2"]["comparisons_stage"] == "comparisons_r2"
+    assert {k: done["ppo_r2"][k] for k in ("policy_stage", "reward_stage", "ref_stage")} == \
+        {"policy_stage": "ppo", "reward_stage": "reward_r2", "ref_stage": "sft"}
+    with open(os.path.join(run, "report.md")) as f:
+        report = f.read()
+    for heading in ("## Stages", "## Pretraining", "## Gold judge on held-out prompts, by dialogue family",
+                    "## PPO (ppo)", "## PPO (ppo_r2)", "### Reward model (reward)",
+                    "### Reward model (reward_r2)", "## PPO round 2 against SFT"):
+        assert heading in report, heading
+    for png in ("pretrain_loss", "sft_loss", "reward_curves", "reward_r2_reward_vs_gold",
+                "ppo_ppo_curves", "ppo_r2_overoptimization"):
+        assert os.path.getsize(os.path.join(run, "plots", f"{png}.png")) > 0, png
+
+    again = cli(TOY_PIPELINE, tmp_path)  # re-running resumes: every finished stage is skipped
+    for s in stages[:-1]:
+        assert f"[{s}] already done" in again.stdout, s
+    assert again.stdout.count("finished in") == 1  # the report alone, always rewritten
+
+
 @pytest.mark.parametrize("continue_rounds", [True, False])
 def test_rounds_expand_the_pipeline_each_from_the_current_policy(continue_rounds):
     from minichat.config import Config
