@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import matplotlib
 
@@ -179,9 +180,9 @@ def win_rate(a, b, z: float = 1.96) -> dict:
 # ---- the run report ----------------------------------------------------------------------
 def policy_stages(run_dir: str) -> list[str]:
     """Finished PPO stages in round order: ppo, ppo_r2, ppo_r3, ..."""
-    found = [s for s in os.listdir(run_dir) if (s == "ppo" or s.startswith("ppo_r"))
-             and os.path.exists(os.path.join(run_dir, s, "DONE.json"))]
-    return sorted(found, key=lambda s: 1 if s == "ppo" else int(s.split("_r")[1]))
+    rounds = {s: int(m.group(1) or 1) for s in os.listdir(run_dir)
+              if (m := re.fullmatch(r"ppo(?:_r(\d+))?", s)) and os.path.exists(os.path.join(run_dir, s, "DONE.json"))}
+    return sorted(rounds, key=rounds.get)
 
 
 def compare_evals(run_dir: str, a: str, b: str) -> dict | None:
@@ -212,8 +213,9 @@ def run_report(cfg, run_dir: str, tok=None, mesh=None) -> dict:
 
     from minichat.checkpoint import is_done, mark_done, read_done
 
-    finished = [s for s in os.listdir(run_dir)
-                if os.path.isdir(os.path.join(run_dir, s)) and is_done(run_dir, s) and s != "report"]
+    finished = [s for s in os.listdir(run_dir)  # not a `<stage>.old` set aside by resume=false
+                if "." not in s and os.path.isdir(os.path.join(run_dir, s)) and is_done(run_dir, s)
+                and s != "report"]
     finished.sort(key=lambda s: os.path.getmtime(os.path.join(run_dir, s, "DONE.json")))  # run order
     done = {s: read_done(run_dir, s) for s in finished}
     plots = os.path.join(run_dir, "plots")

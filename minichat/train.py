@@ -11,6 +11,7 @@ exists, so re-running the same command after an interruption resumes where it st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -93,6 +94,31 @@ def pipeline(cfg) -> list[tuple[str, Callable]]:
     return stages + [("report", evaluate.run_report)]
 
 
+@contextlib.contextmanager
+def set_aside(path: str, redo: bool):
+    """`resume=false`: the stage starts from an empty directory, but its old one is only
+    moved aside (`<stage>.old`) until the new run finishes. If the new run fails (a typo in a
+    data path, a bad file, Ctrl-C), the old one comes back: a redo never loses results."""
+    from minichat.parallel import barrier
+    old = path + ".old"
+    if redo:
+        if os.path.isdir(old):  # left by a run killed mid-redo: the partial new one goes
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):  # multi-host: one process moves it
+                os.replace(path, old)
+        barrier(f"set_aside/{path}")  # nobody writes the new stage before the move
+    try:
+        yield
+    except BaseException:
+        if redo and os.path.isdir(old):
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def run(cfg) -> None:
     from minichat.checkpoint import is_done, stage_dir
     from minichat.parallel import init_distributed, make_mesh
@@ -114,19 +140,19 @@ def run(cfg) -> None:
     for stage in stages:
         if stage == "report" and cfg.stage == "all":
             shutil.rmtree(os.path.join(run_dir, stage), ignore_errors=True)  # always rewritten
-        if not cfg.resume and (cfg.stage == stage or stage != "tokenizer"):
-            shutil.rmtree(os.path.join(run_dir, stage), ignore_errors=True)
-        if is_done(run_dir, stage):
+        redo = not cfg.resume and (cfg.stage == stage or stage != "tokenizer")
+        if not redo and is_done(run_dir, stage):
             print(f"[{stage}] already done in {run_dir}/{stage} (resume=false to redo it)")
             continue
-        with open(os.path.join(stage_dir(run_dir, stage), "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        tok = ChatTokenizer.load(tokenizer_path(cfg)) if stage != "tokenizer" else None
-        if tok is not None and tok.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"the tokenizer {tokenizer_path(cfg)} has {tok.vocab_size} tokens but "
-                             f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
-        t = time.perf_counter()
-        fns[stage](cfg, run_dir, tok, mesh)
+        with set_aside(os.path.join(run_dir, stage), redo):
+            with open(os.path.join(stage_dir(run_dir, stage), "config.yaml"), "w") as f:
+                f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            tok = ChatTokenizer.load(tokenizer_path(cfg)) if stage != "tokenizer" else None
+            if tok is not None and tok.vocab_size > cfg.model.vocab_size:
+                raise ValueError(f"the tokenizer {tokenizer_path(cfg)} has {tok.vocab_size} tokens but "
+                                 f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+            t = time.perf_counter()
+            fns[stage](cfg, run_dir, tok, mesh)
         print(f"[{stage}] finished in {time.perf_counter() - t:.0f}s")
     print(f"done in {time.perf_counter() - t0:.0f}s: {run_dir}")
 

@@ -192,6 +192,38 @@ def test_the_main_command_runs_every_stage_and_two_rounds_then_resumes_with_noth
         assert f"[{s}] already done" in again.stdout, s
     assert again.stdout.count("finished in") == 1  # the report alone, always rewritten
 
+    # a redo (resume=false) that fails on its input keeps the finished stage it was to replace
+    before = read_done(run, "sft")
+    typo = cli(TOY_PIPELINE + ["stage=sft", "resume=false", "sft.files=[no_such.jsonl]"], tmp_path, check=False)
+    assert typo.returncode == 2 and "no_such.jsonl: no such file" in typo.stderr
+    assert read_done(run, "sft") == before and not os.path.exists(os.path.join(run, "sft.old"))
+
+
+def test_set_aside_restores_the_old_stage_when_the_redo_fails_and_drops_it_when_it_succeeds(tmp_path):
+    from minichat.train import set_aside
+
+    stage = tmp_path / "sft"
+    stage.mkdir()
+    (stage / "DONE.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt), set_aside(str(stage), redo=True):
+        assert not stage.exists()  # the redo starts from an empty directory
+        stage.mkdir()
+        (stage / "partial").write_text("new")
+        raise KeyboardInterrupt
+    assert sorted(os.listdir(tmp_path)) == ["sft"] and os.listdir(stage) == ["DONE.json"]
+    with set_aside(str(stage), redo=True):
+        stage.mkdir()
+        (stage / "DONE.json").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["sft"] and (stage / "DONE.json").read_text() == "new"
+    # a run killed mid-redo left both: the next redo keeps the old one aside, drops the partial
+    os.rename(stage, str(stage) + ".old")
+    stage.mkdir()
+    (stage / "partial").write_text("x")
+    with pytest.raises(ValueError), set_aside(str(stage), redo=True):
+        assert not stage.exists()
+        raise ValueError
+    assert sorted(os.listdir(tmp_path)) == ["sft"] and (stage / "DONE.json").read_text() == "new"
+
 
 @pytest.mark.parametrize("continue_rounds", [True, False])
 def test_rounds_expand_the_pipeline_each_from_the_current_policy(continue_rounds):
