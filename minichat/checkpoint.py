@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import asdict
 from typing import Any
 
@@ -55,6 +56,16 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # Checkpointers not yet closed
+
+
+def close_all() -> None:
+    """Let every open Checkpointer finish its in-flight save and close: on Ctrl-C or an
+    error, so the newest save is committed (not left half-written) before the process ends."""
+    for ckpt in list(_OPEN):
+        ckpt.close()
+
+
 class Checkpointer:
     """Keeps the newest `keep` checkpoints of one stage: params, optimizer state, metadata."""
 
@@ -65,6 +76,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True),
         )
+        _OPEN.add(self)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -108,6 +120,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        _OPEN.discard(self)
         self.manager.wait_until_finished()
         self.manager.close()
 

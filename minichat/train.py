@@ -160,15 +160,20 @@ def run(cfg) -> None:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def _hydra_main(dcfg) -> None:
-    from minichat.checkpoint import CheckpointError
+    from minichat.checkpoint import CheckpointError, close_all
     from minichat.data import DataError
 
     cfg = OmegaConf.to_object(dcfg)
     try:
         run(cfg)
     except (DataError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        close_all()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        close_all()  # the save in flight commits; the run resumes from it
+        print(f"\ninterrupted: run the same command again to resume {run_dir_of(cfg)}", file=sys.stderr)
+        sys.exit(130)
 
 
 def check_overrides(argv: list[str]) -> None:

@@ -302,6 +302,30 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_corpus, tmp_pa
     assert "already done" in cli(common + ["run_dir=killed"], tmp_path).stdout
 
 
+def test_ctrl_c_commits_the_save_in_flight_and_says_how_to_resume(tiny_corpus, tmp_path):
+    import signal
+    import time
+
+    args = TINY + [f"pretrain.files=[{tiny_corpus}/c.txt]", f"tokenizer.path={tiny_corpus}/tokenizer.json",
+                   "pretrain.steps=1000000", "pretrain.checkpoint_every=2", "run_dir=run"]
+    proc = subprocess.Popen([sys.executable, "-m", "minichat.train", *args], cwd=tmp_path,
+                            env={**os.environ, "XLA_FLAGS": ""}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ckpts = tmp_path / "run/pretrain/checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts.exists() and [d for d in os.listdir(ckpts) if d.isdigit()]) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # mid-training, saves every 2 steps: likely one in flight
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: run the same command")
+    assert not [d for d in os.listdir(ckpts) if not d.isdigit()]  # nothing left half-written
+    last = max(int(d) for d in os.listdir(ckpts))
+    resumed = cli(args[:-3] + [f"pretrain.steps={last + 2}", "pretrain.checkpoint_every=2", "run_dir=run"], tmp_path)
+    assert f"resuming from step {last}" in resumed.stdout
+
+
 def test_fit_resumes_on_a_multi_device_mesh_to_the_same_parameters(tmp_path):
     import shutil
 
