@@ -14,8 +14,11 @@ run restarted with the same command resumes from the newest complete step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import weakref
 from dataclasses import asdict
 from typing import Any
@@ -59,6 +62,23 @@ def write_json(path: str, obj: Any) -> None:
 _OPEN: weakref.WeakSet = weakref.WeakSet()  # Checkpointers not yet closed
 
 
+@contextlib.contextmanager
+def interrupt_after():
+    """Hold a Ctrl-C until the block ends. One that lands inside Orbax's `save` can leave a
+    save thread that the manager does not wait for, cut off (with tracebacks) at exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda *args: pending.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(*pending[0])  # the default handler raises KeyboardInterrupt here
+
+
 def close_all() -> None:
     """Let every open Checkpointer finish its in-flight save and close: on Ctrl-C or an
     error, so the newest save is committed (not left half-written) before the process ends."""
@@ -85,7 +105,8 @@ class Checkpointer:
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta or {})}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        with interrupt_after():
+            self.manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, step: int | None, params_like, opt_state_like=None, model_cfg=None):
         """Restore into the shapes/shardings of `params_like` (arrays or ShapeDtypeStructs).
