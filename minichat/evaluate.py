@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 import matplotlib
 
@@ -180,9 +179,12 @@ def win_rate(a, b, z: float = 1.96) -> dict:
 # ---- the run report ----------------------------------------------------------------------
 def policy_stages(run_dir: str) -> list[str]:
     """Finished PPO stages in round order: ppo, ppo_r2, ppo_r3, ..."""
-    rounds = {s: int(m.group(1) or 1) for s in os.listdir(run_dir)
-              if (m := re.fullmatch(r"ppo(?:_r(\d+))?", s)) and os.path.exists(os.path.join(run_dir, s, "DONE.json"))}
-    return sorted(rounds, key=rounds.get)
+    from minichat.chat import stage_rank  # the one parser of stage names: sft 1, ppo 2, ppo_r2 3
+
+    ranks = {s: stage_rank(s) for s in os.listdir(run_dir)}
+    found = [s for s, r in ranks.items() if r is not None and r >= 2
+             and os.path.exists(os.path.join(run_dir, s, "DONE.json"))]
+    return sorted(found, key=ranks.get)
 
 
 def compare_evals(run_dir: str, a: str, b: str) -> dict | None:

@@ -306,23 +306,25 @@ def test_ctrl_c_commits_the_save_in_flight_and_says_how_to_resume(tiny_corpus, t
     import signal
     import time
 
-    args = TINY + [f"pretrain.files=[{tiny_corpus}/c.txt]", f"tokenizer.path={tiny_corpus}/tokenizer.json",
-                   "pretrain.steps=1000000", "pretrain.checkpoint_every=2", "run_dir=run"]
-    proc = subprocess.Popen([sys.executable, "-m", "minichat.train", *args], cwd=tmp_path,
-                            env={**os.environ, "XLA_FLAGS": ""}, stdout=subprocess.PIPE,
+    from minichat.chat import checkpoint_steps
+
+    common = TINY + [f"pretrain.files=[{tiny_corpus}/c.txt]", f"tokenizer.path={tiny_corpus}/tokenizer.json",
+                     "pretrain.checkpoint_every=2", "run_dir=run"]
+    proc = subprocess.Popen([sys.executable, "-m", "minichat.train", *common, "pretrain.steps=1000000"],
+                            cwd=tmp_path, env={**os.environ, "XLA_FLAGS": ""}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    ckpts = tmp_path / "run/pretrain/checkpoints"
+    ckpts = str(tmp_path / "run/pretrain/checkpoints")
     deadline = time.time() + 300
-    while not (ckpts.exists() and [d for d in os.listdir(ckpts) if d.isdigit()]) and time.time() < deadline:
+    while not checkpoint_steps(ckpts) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # mid-training, saves every 2 steps: likely one in flight
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: run the same command")
-    assert not [d for d in os.listdir(ckpts) if not d.isdigit()]  # nothing left half-written
-    last = max(int(d) for d in os.listdir(ckpts))
-    resumed = cli(args[:-3] + [f"pretrain.steps={last + 2}", "pretrain.checkpoint_every=2", "run_dir=run"], tmp_path)
+    last = checkpoint_steps(ckpts)[-1]
+    assert sorted(os.listdir(ckpts)) == sorted(map(str, checkpoint_steps(ckpts)))  # nothing half-written
+    resumed = cli(common + [f"pretrain.steps={last + 2}"], tmp_path)
     assert f"resuming from step {last}" in resumed.stdout
 
 
