@@ -39,6 +39,8 @@ The stage (below the losses)
 
 from __future__ import annotations
 
+import collections
+import json
 import math
 import os
 import signal
@@ -51,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minichat.data import DataError, load_comparisons, write_jsonl
+from minichat.data import DataError, load_comparisons, read_jsonl, write_jsonl
 
 __all__ = [
     "rm_loss",
@@ -193,13 +195,41 @@ def normalisation_bias(rewards_on_demos: jax.Array) -> jax.Array:
 
 
 # ---- comparison data: sample K replies from the policy, let the labelers rank them ----
-def comparison_prompts(cfg, split: str, n: int, stage: str) -> list[dict]:
+def prompt_key(row: dict) -> str:
+    """A prompt's identity: its messages, exactly."""
+    return json.dumps(row["messages"], sort_keys=True)
+
+
+def comparison_prompts(cfg, split: str, n: int, stage: str, exclude=frozenset()) -> list[dict]:
     """ChatWorld prompts for comparisons from the world's `split`. Each stage (one per RLHF
-    round, and its train/held-out halves) draws its own fresh prompts through `stage`."""
+    round, and its train/held-out halves) draws its own fresh prompts through `stage`.
+
+    `exclude`: `prompt_key`s that must not come back, with no prompt twice either. The
+    train split is finite, so fresh draws repeat training prompts (28% of 256 held-out
+    prompts in the default run, mostly refusals, clarifications and facts); a held-out
+    accuracy on those would partly measure memory. Each family keeps its share of `n`;
+    one whose prompts run out is left short, with a warning."""
     from minichat.world import world_from_config, generate_dialogues, to_prompt
     seed = cfg.world.seed + 1000 + zlib.crc32(stage.encode()) % 100_000  # not SFT's seeds
-    dialogues = generate_dialogues(world_from_config(cfg.world), n, split, seed=seed)
-    return [to_prompt(d) for d in dialogues]
+    world = world_from_config(cfg.world)
+    draw = lambda m: [to_prompt(d) for d in generate_dialogues(world, m, split, seed=seed)]
+    if not exclude:
+        return draw(n)
+    quota = collections.Counter(p["family"] for p in draw(n))
+    for m in (2 * n, 8 * n, 32 * n):
+        picked, seen, left = [], set(exclude), collections.Counter(quota)
+        for p in draw(m):
+            k = prompt_key(p)
+            if left[p["family"]] > 0 and k not in seen:
+                seen.add(k)
+                left[p["family"]] -= 1
+                picked.append(p)
+        if not +left:
+            break
+    if +left:
+        warnings.warn(f"{stage}: only {len(picked)} of {n} prompts are not among the excluded ones "
+                      f"(short: {dict(+left)})", stacklevel=2)
+    return picked
 
 
 def sample_completions(policy, tok, prompts: list[dict], *, k: int, max_new_tokens: int,
@@ -287,9 +317,11 @@ def comparison_paths(run_dir: str, stage: str) -> tuple[str, str]:
 
 
 def run_comparisons(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft",
-                    stage: str = "comparisons") -> dict:
+                    stage: str = "comparisons", earlier: tuple[str, ...] = ()) -> dict:
     """Stage `comparisons`: sample K replies per ChatWorld prompt from the `policy_stage`
-    checkpoint, rank them with the simulated labelers, write K-way JSONL."""
+    checkpoint, rank them with the simulated labelers, write K-way JSONL. The held-out
+    prompts are none of this stage's training prompts, nor of the `earlier` comparisons
+    stages' (earlier rounds, whose data the reward model may have trained on)."""
     from minichat.checkpoint import mark_done, restore_params, stage_dir
     from minichat.model import GPT
     from minichat.parallel import barrier, is_main
@@ -301,10 +333,15 @@ def run_comparisons(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft",
     stage_dir(run_dir, stage)
     policy = restore_params(run_dir, policy_stage, GPT.init(cfg.model, cfg.seed), cfg.model)
     summary = {"policy_stage": policy_stage, "k": rcfg.k}
+    train_keys = frozenset()
     for split, n, path in zip(("train", "heldout"), (rcfg.n_prompts, rcfg.n_heldout),
                               comparison_paths(run_dir, stage)):
         world_split = "train" if split == "train" else rcfg.heldout_split
-        prompts = comparison_prompts(cfg, world_split, n, f"{stage}/{split}")
+        # held-out prompts never repeat a training one
+        prompts = comparison_prompts(cfg, world_split, n, f"{stage}/{split}", exclude=train_keys)
+        if split == "train":
+            train_keys = frozenset(map(prompt_key, prompts)).union(
+                *({prompt_key(row) for _, row in read_jsonl(comparison_paths(run_dir, s)[0])} for s in earlier))
         seed = cfg.seed + zlib.crc32(f"{stage}/{split}".encode()) % 100_000
         replies = sample_completions(policy, tok, prompts, k=rcfg.k, max_new_tokens=rcfg.max_new_tokens,
                                      temperature=rcfg.sample_temperature, seed=seed,

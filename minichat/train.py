@@ -84,7 +84,8 @@ def pipeline(cfg) -> list[tuple[str, Callable]]:
     for r in range(1, cfg.rounds + 1):
         sfx = round_suffix(r)
         stages += [
-            (f"comparisons{sfx}", partial(reward.run_comparisons, policy_stage=policy, stage=f"comparisons{sfx}")),
+            (f"comparisons{sfx}", partial(reward.run_comparisons, policy_stage=policy, stage=f"comparisons{sfx}",
+                                          earlier=tuple(f"comparisons{round_suffix(q)}" for q in range(1, r)))),
             (f"reward{sfx}", partial(reward.run, policy_stage=policy, stage=f"reward{sfx}",
                                      comparisons_stage=f"comparisons{sfx}", init_stage=rm_init)),
             (f"ppo{sfx}", partial(ppo.run, policy_stage=policy, reward_stage=f"reward{sfx}", stage=f"ppo{sfx}")),

@@ -1,5 +1,6 @@
 """Pretraining: the loss, checkpoints, kill-and-resume, data parallelism, the CLI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from minichat.checkpoint import Checkpointer, CheckpointError, MetricsLog, read_
 from minichat.config import ModelConfig, OptimConfig, ParallelConfig
 from minichat.model import GPT
 from minichat.parallel import make_mesh, shard_batch, shard_state
-from minichat.pretrain import batch_loss, copy_accuracy, lm_loss, make_optimizer, make_train_step, unigram_loss
+from minichat.pretrain import (batch_loss, copy_accuracy, lm_loss, make_optimizer, make_train_step, split_streams,
+                               unigram_loss)
 
 CFG = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -44,6 +46,23 @@ def test_fully_masked_batch_gives_finite_zero_loss_and_grads():
 def test_unigram_baseline_is_the_entropy_of_a_uniform_stream():
     stream = np.tile(np.arange(8), 1000)
     assert unigram_loss(stream, stream, 8) == pytest.approx(np.log(8), rel=1e-3)
+
+
+class CharTokenizer:
+    bos_id = 0
+
+    def encode_batch(self, docs):
+        return [[ord(c) for c in d] for d in docs]
+
+
+def test_held_out_documents_with_a_twin_in_training_are_left_out():
+    docs = ["a note", "xy", "zz", "a note", "q"]  # the last two (40%) are held out
+    train, val = split_streams(docs, CharTokenizer(), heldout_frac=0.4)
+    assert train.tolist() == [0, *map(ord, "a note"), 0, *map(ord, "xy"), 0, *map(ord, "zz")]
+    assert val.tolist() == [0, ord("q")]
+    with pytest.warns(UserWarning, match="also occur in training"):  # nothing fresh: keep them
+        _, val = split_streams(["xy", "xy"], CharTokenizer(), heldout_frac=0.5)
+    assert val.tolist() == [0, *map(ord, "xy")]
 
 
 def random_batch(seed, b=8, t=16):
@@ -175,6 +194,10 @@ def test_the_main_command_runs_every_stage_and_two_rounds_then_resumes_with_noth
     assert done["comparisons_r2"]["policy_stage"] == "ppo"
     assert done["reward_r2"]["init_stage"] == "reward"
     assert done["reward_r2"]["comparisons_stage"] == "comparisons_r2"
+    # round 2's reward model went on from round 1's: its held-out prompts are new to both rounds
+    prompts = lambda stage, split: {json.dumps(r["messages"], sort_keys=True) for r in map(
+        json.loads, open(os.path.join(run, stage, f"comparisons_{split}.jsonl")))}
+    assert not prompts("comparisons_r2", "heldout") & (prompts("comparisons", "train") | prompts("comparisons_r2", "train"))
     assert {k: done["ppo_r2"][k] for k in ("policy_stage", "reward_stage", "ref_stage")} == \
         {"policy_stage": "ppo", "reward_stage": "reward_r2", "ref_stage": "sft"}
     with open(os.path.join(run, "report.md")) as f:

@@ -23,11 +23,13 @@ from minichat.reward import (
     Scorer,
     batch_loss,
     batch_rewards,
+    comparison_prompts,
     encode_comparisons,
     epoch_batches,
     label,
     load_reward_model,
     normalisation_bias,
+    prompt_key,
     pack,
     rm_loss,
     run,
@@ -398,6 +400,27 @@ def test_reward_stage_learns_a_synthetic_preference(tmp_path, tok):
     assert float(r[0]) > float(r[1])
 
 
+def test_held_out_comparison_prompts_are_fresh_and_keep_the_family_shares():
+    from collections import Counter
+    cfg = Config()
+    train = comparison_prompts(cfg, "train", 1500, "comparisons/train")
+    keys = {prompt_key(p) for p in train}
+    assert len(keys) < len(train)  # the train split is finite: fresh draws do repeat
+    plain = comparison_prompts(cfg, "train", 110, "comparisons/heldout")
+    assert any(prompt_key(p) in keys for p in plain)  # so without `exclude`, held-out repeats train
+    held = comparison_prompts(cfg, "train", 110, "comparisons/heldout", exclude=frozenset(keys))
+    held_keys = [prompt_key(p) for p in held]
+    assert len(set(held_keys)) == 110 and not set(held_keys) & keys
+    assert Counter(p["family"] for p in held) == Counter(p["family"] for p in plain)
+    # a family whose prompts are all excluded comes back short, with a warning
+    # (its largest draw is 32 x 110 prompts, the first of which are the smaller draws')
+    capability = {prompt_key(p) for p in comparison_prompts(cfg, "train", 32 * 110, "comparisons/heldout")
+                  if p["family"] == "capability"}
+    with pytest.warns(UserWarning, match="capability"):
+        short = comparison_prompts(cfg, "train", 110, "comparisons/heldout", exclude=frozenset(capability))
+    assert len(short) == 100 and "capability" not in {p["family"] for p in short}
+
+
 def test_comparisons_then_reward_from_a_policy(tmp_path, tok):
     cfg = tiny_run(tmp_path, tok, n_prompts=16, n_heldout=8, k=4, max_new_tokens=8, sample_batch_size=32,
                    batch_size=4, eval_every=2, checkpoint_every=2)
@@ -411,6 +434,7 @@ def test_comparisons_then_reward_from_a_policy(tmp_path, tok):
     assert all(max(r["gold"][5:]) < r["gold"][4] for r in raw)  # flawed replies score below it
     held = [json.loads(line) for line in open(s["heldout"]["path"])]
     assert all(len(r["completions"]) == 4 for r in held)  # held out: the policy's samples only
+    assert not {prompt_key(r) for r in held} & {prompt_key(r) for r in raw}  # and its prompts are new
     assert os.path.exists(tmp_path / "comparisons_r9" / "comparisons_heldout.jsonl")
     assert 0.5 <= s["heldout"]["ceiling"] <= 1.0
     summary = run(cfg, str(tmp_path), tok, mesh, stage="reward_r9", comparisons_stage="comparisons_r9")
