@@ -5,6 +5,7 @@ test_ppo_losses.py; here the point is that the pipeline around them keeps the co
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -213,7 +214,7 @@ def test_short_ppo_run_raises_a_toy_reward():
 # ---------------------------------------------------------------- the stage: files and resume
 
 
-def test_stage_writes_checkpoints_metrics_plots_and_resumes(tmp_path, capsys):
+def test_stage_writes_checkpoints_metrics_plots_and_resumes_as_if_never_stopped(tmp_path, capsys):
     from dataclasses import asdict, replace
 
     from minichat.checkpoint import Checkpointer, MetricsLog, read_done, restore_params
@@ -272,3 +273,14 @@ def test_stage_writes_checkpoints_metrics_plots_and_resumes(tmp_path, capsys):
     rows2 = MetricsLog.read(os.path.join(sdir, "metrics.jsonl"))
     assert [r["step"] for r in rows2] == [1, 2, 3, 4]
     assert rows2[:2] == rows[:2]
+    # and the resumed run is the uninterrupted one: the same metrics, the same policy
+    straight = tmp_path / "straight"
+    for stage in ("sft", "reward"):
+        shutil.copytree(os.path.join(run_dir, stage), straight / stage)
+    ppo.run(replace(cfg, ppo=replace(pcfg, iterations=4)), str(straight), tok, mesh)
+    clock = ("time/", "mfu", "tokens_per_s")  # everything else is exact
+    untimed = lambda rows: [{k: v for k, v in r.items() if not k.startswith(clock)} for r in rows]
+    assert untimed(MetricsLog.read(straight / "ppo" / "metrics.jsonl")) == untimed(rows2)
+    resumed, uninterrupted = (jax.tree.leaves(nnx.state(restore_params(d, "ppo", GPT.init(mc, 0), mc), nnx.Param))
+                              for d in (run_dir, str(straight)))
+    assert all(np.array_equal(a, b) for a, b in zip(resumed, uninterrupted, strict=True))
