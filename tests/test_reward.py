@@ -5,6 +5,7 @@ The pure losses have their golden tests in test_reward_losses.py."""
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -398,6 +399,30 @@ def test_reward_stage_learns_a_synthetic_preference(tmp_path, tok):
                            summary["width"])
     r = score(model, d["tokens"][0], d["mask"][0], bias)
     assert float(r[0]) > float(r[1])
+
+
+def test_reward_stage_resumed_from_a_checkpoint_ends_as_if_never_stopped(tmp_path, tok, capsys):
+    data = tmp_path / "prefs.jsonl"
+    synthetic_preference_file(data, 48)
+    cfg = tiny_run(tmp_path, tok, files=[str(data)], batch_size=8, eval_every=2, checkpoint_every=2,
+                   heldout_frac=0.25, epochs=2, keep=3)
+    first = run(cfg, str(tmp_path), tok, one_device_mesh())
+    sdir = tmp_path / "reward"
+    rows = [json.loads(x) for x in open(sdir / "metrics.jsonl")]
+    params = lambda: jax.tree.leaves(nnx.state(load_reward_model(str(tmp_path), cfg)[0], nnx.Param))
+    done = params()
+    # a run killed after step 6 of 10: its last checkpoint is step 6, the log goes further
+    shutil.rmtree(sdir / "checkpoints" / "8")
+    shutil.rmtree(sdir / "checkpoints" / "10")
+    os.remove(sdir / "DONE.json")
+    capsys.readouterr()
+    second = run(cfg, str(tmp_path), tok, one_device_mesh())
+    assert "[reward] resuming from step 6" in capsys.readouterr().out
+    clock = ("tokens_per_s", "mfu")
+    untimed = lambda rows: [{k: v for k, v in r.items() if k not in clock} for r in rows]
+    assert untimed(json.loads(x) for x in open(sdir / "metrics.jsonl")) == untimed(rows)
+    assert second["bias"] == first["bias"] and second["accuracy"] == first["accuracy"]
+    assert all(np.array_equal(a, b) for a, b in zip(params(), done, strict=True))
 
 
 def test_held_out_comparison_prompts_are_fresh_and_keep_the_family_shares():
