@@ -45,8 +45,10 @@ def heldout_prompts(cfg) -> list[dict]:
 
 
 def seen_prompts(cfg) -> list[dict]:
-    """Fresh prompts from the training distribution (entities and phrasings SFT saw, where
-    PPO's rollouts come from), n_heldout per family: where over-optimisation shows first."""
+    """New draws from the training distribution (entities and phrasings SFT saw, where
+    PPO's rollouts come from), n_heldout per family: where over-optimisation shows first.
+    Not held out: that distribution is finite, and 220 of the default 880 repeat an SFT
+    training prompt word for word."""
     return _eval_prompts(cfg, "train", cfg.world.seed + 11)
 
 
