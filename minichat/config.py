@@ -2,7 +2,8 @@
 
 Hydra composes `configs/*.yaml` on top of these dataclasses, so a misspelt key or a
 value of the wrong type fails at start-up with a one-line message instead of deep
-inside a training loop. Defaults here are the `tiny` laptop pipeline.
+inside a training loop; `check` does the same for values out of their range (a negative
+temperature, a share above 1). Defaults here are the `tiny` laptop pipeline.
 """
 
 from __future__ import annotations
@@ -229,6 +230,51 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rounds: int = 1  # RLHF rounds: comparisons -> reward -> PPO, each from the current policy
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+# Value ranges that types cannot express, checked before any stage runs (`check`), so that
+# `ppo.temperature=-1` is one line at start-up rather than a run of garbage rollouts.
+_positive = (lambda v: v > 0, "must be > 0")
+_non_negative = (lambda v: v >= 0, "must be >= 0")
+_share = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_RULES = {
+    "model.vocab_size": _positive, "model.block_size": _positive, "model.n_layer": _positive,
+    "model.n_head": _positive, "model.n_embd": _positive,
+    "model.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.attention": (lambda v: v in ("manual", "xla", "cudnn"), "must be manual, xla or cudnn"),
+    "model.dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "must be float32, bfloat16 or float16"),
+    "pretrain.steps": _positive, "pretrain.batch_size": _positive, "pretrain.seq_len": _non_negative,
+    "sft.steps": _positive, "sft.batch_size": _positive, "sft.lm_mix": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "sft.augment": _share, "sft.eval_temperature": _non_negative,
+    "reward.k": (lambda v: 2 <= v <= 9, "must be in 2..9 (InstructGPT ranks 4 to 9 replies)"),
+    "reward.n_prompts": _positive, "reward.n_heldout": _positive, "reward.epochs": _positive,
+    "reward.batch_size": _positive, "reward.sample_temperature": _non_negative,
+    "reward.heldout_split": (lambda v: v in ("train", "heldout"), "must be train or heldout"),
+    "reward.labeler.noise": _non_negative,
+    "ppo.iterations": _positive, "ppo.epochs": _positive,
+    "ppo.temperature": (lambda v: v > 0, "must be > 0 (PPO needs sampled rollouts and their logprobs)"),
+    "ppo.max_new_tokens": _positive, "ppo.kl_coef": _non_negative, "ppo.kl_target": _positive,
+    "ppo.kl_horizon": _positive, "ppo.gamma": _share, "ppo.lam": _share,
+    "ppo.clip_ratio": _positive, "ppo.clip_value": _positive, "ppo.vf_coef": _non_negative,
+    "ppo.ptx_coef": _non_negative,
+    "rounds": _non_negative,
+}
+
+
+def check(cfg) -> None:
+    """Raise ValueError naming the first config value out of its range (`_RULES`)."""
+    for key, (ok, reason) in _RULES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise ValueError(f"{key}={value!r} {reason}")
+    for name in ("pretrain", "sft", "reward", "ppo"):
+        optim = getattr(cfg, name).optim
+        for key, (ok, reason) in {"lr": _positive, "warmup_steps": _non_negative, "min_lr_ratio": _share,
+                                  "weight_decay": _non_negative, "grad_clip": _non_negative}.items():
+            if not ok(getattr(optim, key)):
+                raise ValueError(f"{name}.optim.{key}={getattr(optim, key)!r} {reason}")
 
 
 def register_configs() -> None:

@@ -22,7 +22,7 @@ from functools import partial
 import hydra
 from omegaconf import OmegaConf
 
-from minichat.config import Config  # registers the structured configs  # noqa: F401
+from minichat.config import Config, check  # Config: registers the structured configs  # noqa: F401
 
 
 def configure_jax(cfg) -> None:
@@ -125,6 +125,7 @@ def run(cfg) -> None:
     from minichat.parallel import init_distributed, make_mesh
     from minichat.tokenizer import ChatTokenizer
 
+    check(cfg)
     configure_jax(cfg)
     init_distributed(cfg.parallel)
     run_dir = run_dir_of(cfg)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -270,12 +271,36 @@ def test_rounds_expand_the_pipeline_each_from_the_current_policy(continue_rounds
     ("model.n_layer=abc", "model.n_layer=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     ("model.nlayer=2", "Key 'nlayer' not in 'ModelConfig'"),
     ("stage=fly", "stage='fly' is not one of"),
+    ("ppo.temperature=-1", "ppo.temperature=-1.0 must be > 0"),
 ])
 def test_bad_config_fails_with_one_clear_line(tmp_path, override, message):
     proc = cli([override, "progress=false"], tmp_path, check=False)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_config_check_names_every_value_out_of_range():
+    import dataclasses
+
+    from minichat.config import _RULES, Config, check
+
+    check(Config())  # the defaults pass
+    for key, (ok, _) in _RULES.items():
+        *parents, leaf = key.split(".")
+        bad = next(v for v in (0, -1, 1.5, 10, "nope") if not ok(v))
+        cfg = Config()
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        assert dataclasses.is_dataclass(node) and hasattr(node, leaf), key
+        setattr(node, leaf, bad)
+        with pytest.raises(ValueError, match=f"^{re.escape(key)}="):
+            check(cfg)
+    cfg = Config()
+    cfg.reward.optim.min_lr_ratio = 2.0
+    with pytest.raises(ValueError, match=r"^reward\.optim\.min_lr_ratio=2\.0 must be in \[0, 1\]"):
+        check(cfg)
 
 
 @pytest.fixture(scope="module")
