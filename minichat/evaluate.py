@@ -45,7 +45,7 @@ def prompt_batch(tok, examples, width: int):
 
 
 def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: float, seed: int,
-                   top_p: float = 1.0, batch_size: int = 64, n: int = 1) -> list[dict]:
+                   top_p: float = 1.0, batch_size: int = 64, n: int = 1, desc: str = "") -> list[dict]:
     """Replies of `model` to each example's conversation: text, ended (emitted <|end|>), length.
 
     The prompts are batched shortest first, each batch left-padded to its own longest prompt
@@ -58,10 +58,16 @@ def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: fl
     `n` > 1: n replies per example from one prefill (`generate(n_samples=n)`), returned
     example-major (reply j of example i at i * n + j); a batch holds batch_size // n
     prompts. The same replies as the examples each repeated n times with `n=1`.
+
+    `desc`: show a progress bar with that label (prompts done, new tokens/s); "" for none.
     """
+    import time
+
     import jax
     import numpy as np
+    from tqdm.auto import tqdm
 
+    from minichat.parallel import is_main
     from minichat.sampling import generate
 
     block = model.config.block_size
@@ -70,6 +76,9 @@ def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: fl
     key = jax.random.key(seed)
     per_batch = max(1, batch_size // n)
     out: list[dict] = [{}] * (len(examples) * n)
+    bar = tqdm(total=len(examples), desc=desc, unit="prompt", disable=not (desc and is_main()),
+               dynamic_ncols=True)
+    t0, n_new = time.perf_counter(), 0
     for i in range(0, len(examples), per_batch):
         idx = order[i:i + per_batch]
         chunk = [examples[j] for j in idx]
@@ -86,6 +95,10 @@ def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: fl
                 ids = toks[r * n + k][gmask[r * n + k] > 0]
                 ended = bool(len(ids) and ids[-1] == tok.end_id)
                 out[j * n + k] = {"text": tok.decode(ids).strip(), "ended": ended, "n_tokens": int(len(ids))}
+        n_new += int(gmask[:len(idx) * n].sum())
+        bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):,.0f}", refresh=False)
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
@@ -112,12 +125,14 @@ def family_table(examples, scores, correct, replies=None) -> dict:
     return table
 
 
-def evaluate_policy(model, tok, examples, *, max_new_tokens: int, temperature: float, seed: int) -> dict:
-    """Gold-judge evaluation, greedy and sampled, with the replies kept for the report."""
+def evaluate_policy(model, tok, examples, *, max_new_tokens: int, temperature: float, seed: int,
+                    desc: str = "") -> dict:
+    """Gold-judge evaluation, greedy and sampled, with the replies kept for the report.
+    `desc`: label of the sampling progress bars ("" for none)."""
     result = {}
     for mode, temp in (("greedy", 0.0), ("sampled", temperature)):
         replies = sample_replies(model, tok, examples, max_new_tokens=max_new_tokens, temperature=temp,
-                                 seed=seed)
+                                 seed=seed, desc=desc and f"{desc} ({mode})")
         scores, correct = judge_replies(examples, replies)
         result[mode] = {"table": family_table(examples, scores, correct, replies),
                         "replies": replies, "scores": scores, "correct": correct}

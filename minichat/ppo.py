@@ -1216,7 +1216,8 @@ def evaluate_vs_reference(trainer: PPOTrainer, tok, cfg, sdir: str, run_dir: str
 
     prompts = heldout_prompts(cfg)
     kw = dict(max_new_tokens=cfg.sft.max_new_tokens, temperature=cfg.sft.eval_temperature, seed=cfg.seed)
-    res = evaluate_policy(trainer.policy_model(), tok, prompts, **kw)
+    bar = lambda label: dict(desc=f"{os.path.basename(sdir)} eval, {label}" if cfg.progress else "")
+    res = evaluate_policy(trainer.policy_model(), tok, prompts, **kw, **bar("policy"))
     save_eval(os.path.join(sdir, "eval.jsonl"), prompts, res)
     ref_path = os.path.join(run_dir, ref_stage, "eval.jsonl")
     ref_rows = MetricsLog.read(ref_path) if os.path.exists(ref_path) else []
@@ -1224,7 +1225,7 @@ def evaluate_vs_reference(trainer: PPOTrainer, tok, cfg, sdir: str, run_dir: str
         ref_scores = {m: [r[m]["score"] for r in ref_rows] for m in ("greedy", "sampled")}
         ref_text = [r["greedy"]["reply"] for r in ref_rows]
     else:
-        ref = evaluate_policy(trainer.ref_model(), tok, prompts, **kw)
+        ref = evaluate_policy(trainer.ref_model(), tok, prompts, **kw, **bar("reference"))
         ref_scores = {m: ref[m]["scores"] for m in ("greedy", "sampled")}
         ref_text = [r["text"] for r in ref["greedy"]["replies"]]
     out = {"eval": {m: res[m]["table"] for m in ("greedy", "sampled")},

@@ -233,13 +233,13 @@ def comparison_prompts(cfg, split: str, n: int, stage: str, exclude=frozenset())
 
 
 def sample_completions(policy, tok, prompts: list[dict], *, k: int, max_new_tokens: int,
-                       temperature: float, seed: int, batch_size: int) -> list[list[dict]]:
+                       temperature: float, seed: int, batch_size: int, desc: str = "") -> list[list[dict]]:
     """K replies per prompt from `policy` (`evaluate.sample_replies` with n = K, one prefill
     per prompt: {"text", "ended", "n_tokens"}), as lists in the prompts' order."""
     from minichat.evaluate import sample_replies
 
     replies = sample_replies(policy, tok, prompts, max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed, batch_size=batch_size, n=k)
+                             temperature=temperature, seed=seed, batch_size=batch_size, n=k, desc=desc)
     return [replies[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
@@ -345,7 +345,8 @@ def run_comparisons(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft",
         seed = cfg.seed + zlib.crc32(f"{stage}/{split}".encode()) % 100_000
         replies = sample_completions(policy, tok, prompts, k=rcfg.k, max_new_tokens=rcfg.max_new_tokens,
                                      temperature=rcfg.sample_temperature, seed=seed,
-                                     batch_size=rcfg.sample_batch_size)
+                                     batch_size=rcfg.sample_batch_size,
+                                     desc=f"{stage} ({split})" if cfg.progress else "")
         if split == "train":  # held out: the policy's own samples, the pairs PPO needs ranked
             replies = add_reference_replies(cfg, prompts, replies, seed=seed)
         rows = label(prompts, replies, noise=rcfg.labeler.noise, length_bias=rcfg.labeler.length_bias,

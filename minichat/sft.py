@@ -195,7 +195,8 @@ def evaluate_sft(model, tok, cfg, sdir: str) -> dict:
 
     prompts = heldout_prompts(cfg)
     result = evaluate_policy(model, tok, prompts, max_new_tokens=cfg.sft.max_new_tokens,
-                             temperature=cfg.sft.eval_temperature, seed=cfg.seed)
+                             temperature=cfg.sft.eval_temperature, seed=cfg.seed,
+                             desc="sft eval" if cfg.progress else "")
     save_eval(os.path.join(sdir, "eval.jsonl"), prompts, result)
     log = MetricsLog(os.path.join(sdir, "metrics.jsonl"), resume_step=cfg.sft.steps)
     for mode in ("greedy", "sampled"):
