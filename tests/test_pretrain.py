@@ -1,6 +1,5 @@
 """Pretraining: the loss, checkpoints, kill-and-resume, data parallelism, the CLI."""
 
-import json
 import os
 import re
 import subprocess
@@ -196,8 +195,10 @@ def test_the_main_command_runs_every_stage_and_two_rounds_then_resumes_with_noth
     assert done["reward_r2"]["init_stage"] == "reward"
     assert done["reward_r2"]["comparisons_stage"] == "comparisons_r2"
     # round 2's reward model went on from round 1's: its held-out prompts are new to both rounds
-    prompts = lambda stage, split: {json.dumps(r["messages"], sort_keys=True) for r in map(
-        json.loads, open(os.path.join(run, stage, f"comparisons_{split}.jsonl")))}
+    from minichat.data import read_jsonl
+    from minichat.reward import comparison_paths, prompt_key
+    prompts = lambda stage, split: {prompt_key(row) for _, row in read_jsonl(
+        comparison_paths(run, stage)[split == "heldout"])}
     assert not prompts("comparisons_r2", "heldout") & (prompts("comparisons", "train") | prompts("comparisons_r2", "train"))
     assert {k: done["ppo_r2"][k] for k in ("policy_stage", "reward_stage", "ref_stage")} == \
         {"policy_stage": "ppo", "reward_stage": "reward_r2", "ref_stage": "sft"}
