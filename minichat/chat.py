@@ -119,7 +119,10 @@ def _train_command(run_dir: str, stage: str | None = None) -> str:
         name = os.path.basename(norm)
         same = os.path.normpath(os.path.join("runs", name)) == norm
         parts.append(f"run_name={name}" if same else f"run_dir={run_dir}")
-    if stage in ("tokenizer", "pretrain", "sft", "reward", "ppo"):
+    rank = stage_rank(stage) if stage else None
+    if rank is not None and rank > 2:  # ppo_r<N>: the pipeline of N rounds makes it
+        parts.append(f"rounds={rank - 1}")
+    elif stage in ("tokenizer", "pretrain", "sft", "reward", "ppo"):
         parts.append(f"stage={stage}")
     return " ".join(parts)
 

@@ -135,6 +135,9 @@ def test_stage_selection_prefers_the_newest_policy(tmp_path):
     assert chat.stage_rank("reward") is None
     with pytest.raises(chat.NoModelError, match="stage=sft"):
         chat.locate(str(tmp_path / "empty"), stage="sft")
+    with pytest.raises(chat.NoModelError, match=r"stages with a model: pretrain, sft, ppo, ppo_r2\): run "
+                                                r"`python -m minichat.train run_dir=\S+ rounds=3` first"):
+        chat.locate(str(run), stage="ppo_r3")  # made by the pipeline of three rounds
 
 
 def test_missing_run_is_a_clear_message_not_a_traceback(tmp_path):
