@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 
+ATTENTION = ("manual", "xla", "cudnn")  # model.attention: written out | library kernels
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, the compute dtype
+K_RANGE = (2, 9)  # reward.k: completions ranked per prompt (InstructGPT ranks 4 to 9)
+
+
 @dataclass
 class ModelConfig:
     """GPT-2 decoder shape. Presets live in configs/model/{tiny,small,gpt2}.yaml."""
@@ -241,12 +246,13 @@ _RULES = {
     "model.vocab_size": _positive, "model.block_size": _positive, "model.n_layer": _positive,
     "model.n_head": _positive, "model.n_embd": _positive,
     "model.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "model.attention": (lambda v: v in ("manual", "xla", "cudnn"), "must be manual, xla or cudnn"),
-    "model.dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "must be float32, bfloat16 or float16"),
+    "model.attention": (lambda v: v in ATTENTION, f"must be one of {', '.join(ATTENTION)}"),
+    "model.dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "pretrain.steps": _positive, "pretrain.batch_size": _positive, "pretrain.seq_len": _non_negative,
     "sft.steps": _positive, "sft.batch_size": _positive, "sft.lm_mix": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "sft.augment": _share, "sft.eval_temperature": _non_negative,
-    "reward.k": (lambda v: 2 <= v <= 9, "must be in 2..9 (InstructGPT ranks 4 to 9 replies)"),
+    "reward.k": (lambda v: K_RANGE[0] <= v <= K_RANGE[1],
+                 f"must be in {K_RANGE[0]}..{K_RANGE[1]} (InstructGPT ranks 4 to 9 replies)"),
     "reward.n_prompts": _positive, "reward.n_heldout": _positive, "reward.epochs": _positive,
     "reward.batch_size": _positive, "reward.sample_temperature": _non_negative,
     "reward.heldout_split": (lambda v: v in ("train", "heldout"), "must be train or heldout"),

@@ -219,8 +219,9 @@ def compare_evals(run_dir: str, a: str, b: str) -> dict | None:
 
 def stage_title(stage: str) -> str:
     """"ppo" -> "PPO", "ppo_r2" -> "PPO round 2" (the stage names of `rounds`)."""
-    name, _, r = stage.partition("_r")
-    return name.upper() + (f" round {r}" if r else "")
+    from minichat.chat import stage_rank  # the one parser of stage names: ppo 2, ppo_r2 3
+    rank = stage_rank(stage) or 0
+    return f"PPO round {rank - 1}" if rank > 2 else stage.upper()
 
 
 def run_report(cfg, run_dir: str, tok=None, mesh=None) -> dict:

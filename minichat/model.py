@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minichat.config import ModelConfig
+from minichat.config import ATTENTION, DTYPES, ModelConfig
 
 # Masked attention scores are set to this instead of -inf, so that a query row with no
 # visible key (a padding query) softmaxes to a uniform average instead of NaN.
@@ -122,7 +122,7 @@ def _static(config) -> StaticModelConfig:
 
 
 def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    return dict(zip(DTYPES, (jnp.float32, jnp.bfloat16, jnp.float16)))[name]
 
 
 def positions_from_mask(mask: jax.Array, segments: jax.Array | None = None) -> jax.Array:
@@ -354,8 +354,8 @@ class GPT(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         config = _static(config)
-        if config.attention not in ("manual", "xla", "cudnn"):
-            raise ValueError(f"attention must be manual|xla|cudnn, got {config.attention!r}")
+        if config.attention not in ATTENTION:
+            raise ValueError(f"attention must be {'|'.join(ATTENTION)}, got {config.attention!r}")
         self.config = config
         C = config.n_embd
         self.wte = nnx.Embed(config.vocab_size, C, embedding_init=_normal(0.02), rngs=rngs)

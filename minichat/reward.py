@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minichat.config import K_RANGE
 from minichat.data import DataError, load_comparisons, read_jsonl, write_jsonl
 
 __all__ = [
@@ -328,8 +329,9 @@ def run_comparisons(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft",
 
     t0 = time.perf_counter()
     rcfg = cfg.reward
-    if not 2 <= rcfg.k <= 9:
-        raise ValueError(f"reward.k={rcfg.k}: InstructGPT ranks 4 to 9 replies; use 2..9")
+    lo, hi = K_RANGE  # config.check says so at start-up; this guards direct calls
+    if not lo <= rcfg.k <= hi:
+        raise ValueError(f"reward.k={rcfg.k}: InstructGPT ranks 4 to 9 replies; use {lo}..{hi}")
     stage_dir(run_dir, stage)
     policy = restore_params(run_dir, policy_stage, GPT.init(cfg.model, cfg.seed), cfg.model)
     summary = {"policy_stage": policy_stage, "k": rcfg.k}
