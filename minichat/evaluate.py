@@ -257,6 +257,14 @@ def run_report(cfg, run_dir: str, tok=None, mesh=None) -> dict:
         md += ["", "## Pretraining", "",
                f"Held-out loss {p['eval_loss']:.3f} nats/token against {p['unigram_loss']:.3f} for the "
                "unigram baseline.", "", "![pretraining loss](plots/pretrain_loss.png)", ""]
+        if p.get("copy_warmup"):
+            w = p["copy_warmup"]
+            end = (f" Its held-out loss on the recurrence ended at {w['eval_loss']:.2f} nats against "
+                   f"{w['chance']:.2f} for chance; a fall far below chance is the phase change in which "
+                   "induction heads form." if w.get("eval_loss") is not None else "")
+            md += [f"Pretraining began with {w['steps']} steps of an in-context copying task (random "
+                   f"tokens, a span that recurs after a gap; `pretrain.copy`), and kept {w['rows']} rows "
+                   f"of every batch on it.{end}", "", "![copying warm-up](plots/pretrain_copy_loss.png)", ""]
         if p.get("copy_accuracy"):
             c = p["copy_accuracy"]
             md += [f"In-context copying (the induction-head test of Olsson et al. 2022): next-token "

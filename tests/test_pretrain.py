@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,8 @@ from minichat.checkpoint import Checkpointer, CheckpointError, MetricsLog, read_
 from minichat.config import ModelConfig, OptimConfig, ParallelConfig
 from minichat.model import GPT
 from minichat.parallel import make_mesh, shard_batch, shard_state
-from minichat.pretrain import (batch_loss, copy_accuracy, lm_loss, make_optimizer, make_train_step, split_streams,
-                               unigram_loss)
+from minichat.pretrain import (batch_loss, copy_accuracy, copy_batch, lm_loss, make_optimizer, make_train_step,
+                               split_streams, unigram_loss, with_copy_rows)
 
 CFG = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -171,6 +172,9 @@ TOY_PIPELINE = [
     "world.n_docs=400", "world.n_dialogues=200", "world.n_heldout=1",
     "pretrain.steps=20", "pretrain.eval_every=10", "pretrain.checkpoint_every=10",
     "pretrain.batch_size=8", "pretrain.seq_len=64", "pretrain.eval_batches=2",
+    "pretrain.copy.steps=4", "pretrain.copy.rows=2", "pretrain.copy.batch_size=4", "pretrain.copy.span_min=4",
+    "pretrain.copy.span_max=16", "pretrain.copy.eval_every=2", "pretrain.copy.checkpoint_every=2",
+    "pretrain.copy.eval_batches=1",
     "sft.steps=10", "sft.eval_every=5", "sft.checkpoint_every=5", "sft.batch_size=8", "sft.max_new_tokens=16",
     "reward.n_prompts=32", "reward.n_heldout=8", "reward.epochs=1", "reward.batch_size=8",
     "reward.eval_every=2", "reward.checkpoint_every=2", "reward.n_norm=16", "reward.sample_batch_size=32",
@@ -208,7 +212,8 @@ def test_the_main_command_runs_every_stage_and_two_rounds_then_resumes_with_noth
                     "## PPO (ppo)", "## PPO (ppo_r2)", "### Reward model (reward)",
                     "### Reward model (reward_r2)", "## PPO round 2 against SFT"):
         assert heading in report, heading
-    for png in ("pretrain_loss", "sft_loss", "reward_curves", "reward_r2_reward_vs_gold",
+    assert "Pretraining began with 4 steps of an in-context copying task" in report
+    for png in ("pretrain_loss", "pretrain_copy_loss", "sft_loss", "reward_curves", "reward_r2_reward_vs_gold",
                 "ppo_ppo_curves", "ppo_r2_overoptimization"):
         assert os.path.getsize(os.path.join(run, "plots", f"{png}.png")) > 0, png
 
@@ -268,6 +273,34 @@ def test_rounds_expand_the_pipeline_each_from_the_current_policy(continue_rounds
     assert inits == (["sft", "reward", "reward_r2"] if continue_rounds else ["sft"] * 3)
 
 
+@given(st.integers(0, 10**6), st.integers(2, 12), st.integers(0, 12), st.integers(0, 20))
+def test_copy_batch_counts_exactly_the_recurrence_of_its_span_after_its_first_token(step, lo, extra, slack):
+    hi = lo + extra
+    width = 2 * hi + slack
+    vocab = np.arange(100, 160)
+    b = copy_batch(step, rows=6, width=width, vocab=vocab, span_min=lo, span_max=hi, seed=3)
+    assert all(b[k].shape == (6, width) for k in ("tokens", "valid", "loss_mask")) and b["valid"].all()
+    assert np.isin(b["tokens"], vocab).all()
+    for tokens, mask in zip(b["tokens"], b["loss_mask"]):
+        counted = np.flatnonzero(mask)
+        span, start = len(counted) + 1, counted[0] - 1
+        assert lo <= span <= hi and span <= start and start + span <= width
+        assert np.array_equal(counted, np.arange(start + 1, start + span))  # one contiguous run
+        # the recurrence repeats the row's first span tokens: copying is the only way to it
+        assert np.array_equal(tokens[start:start + span], tokens[:span])
+    again = copy_batch(step, rows=6, width=width, vocab=vocab, span_min=lo, span_max=hi, seed=3)
+    assert all(np.array_equal(b[k], again[k]) for k in b)  # a pure function of the step: resumable
+
+
+def test_copy_rows_replace_the_last_rows_of_each_batch():
+    corpus = lambda step: {"tokens": np.full((4, 9), step, np.int32), "valid": np.ones((4, 9), np.int32),
+                           "loss_mask": np.ones((4, 9), np.int32)}
+    task = lambda step: copy_batch(step, rows=2, width=9, vocab=np.arange(50, 90), span_min=2, span_max=4)
+    mixed = with_copy_rows(corpus, 2, task)(5)
+    assert np.array_equal(mixed["tokens"][:2], corpus(5)["tokens"][:2])
+    assert all(np.array_equal(mixed[k][2:], task(5)[k]) and mixed[k].dtype == np.int32 for k in mixed)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.n_layer=abc", "model.n_layer=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     ("model.nlayer=2", "Key 'nlayer' not in 'ModelConfig'"),
@@ -281,27 +314,60 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, override, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
-def test_config_check_names_every_value_out_of_range():
+def _set(cfg, key: str, value):
     import dataclasses
 
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = getattr(node, part)
+    assert dataclasses.is_dataclass(node) and hasattr(node, leaf), key
+    setattr(node, leaf, value)
+
+
+def test_config_check_names_every_value_out_of_range():
     from minichat.config import _RULES, Config, check
 
     check(Config())  # the defaults pass
     for key, (ok, _) in _RULES.items():
-        *parents, leaf = key.split(".")
-        bad = next(v for v in (0, -1, 1.5, 10, "nope") if not ok(v))
         cfg = Config()
-        node = cfg
-        for part in parents:
-            node = getattr(node, part)
-        assert dataclasses.is_dataclass(node) and hasattr(node, leaf), key
-        setattr(node, leaf, bad)
+        _set(cfg, key, next(v for v in (0, -1, 1.5, 10, "nope") if not ok(v)))
         with pytest.raises(ValueError, match=f"^{re.escape(key)}="):
             check(cfg)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"pretrain.copy.steps": 10, "pretrain.copy.span_max": 65},  # a span and its copy need 130 > 129
+     r"^pretrain\.copy\.span_max=65 must be in \[span_min=8, 64\]"),
+    ({"pretrain.copy.rows": 16}, r"^pretrain\.copy\.rows=16 must be < pretrain\.batch_size=16"),
+    ({"pretrain.copy.optim.lr": 0.0}, r"^pretrain\.copy\.optim\.lr=0\.0 must be > 0"),
+    ({"reward.optim.min_lr_ratio": 2.0}, r"^reward\.optim\.min_lr_ratio=2\.0 must be in \[0, 1\]"),
+])
+def test_config_check_names_values_out_of_range_of_one_another_and_optimizer_settings(values, message):
+    from minichat.config import Config, check
+
     cfg = Config()
-    cfg.reward.optim.min_lr_ratio = 2.0
-    with pytest.raises(ValueError, match=r"^reward\.optim\.min_lr_ratio=2\.0 must be in \[0, 1\]"):
+    for key, value in values.items():
+        _set(cfg, key, value)
+    with pytest.raises(ValueError, match=message):
         check(cfg)
+
+
+PRESETS = sorted(f.stem for f in (Path(__file__).parents[1] / "minichat/configs/experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes_and_passes_the_range_checks(preset):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from minichat.config import check
+
+    with initialize_config_module("minichat.configs", version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", overrides=[f"+experiment={preset}"]))
+    check(cfg)
+    if preset == "induction":
+        assert cfg.pretrain.copy.steps > 0 and cfg.pretrain.copy.rows > 0
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +415,32 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_corpus, tmp_pa
     assert set(copy) == {"first", "repeat"} and all(0.0 <= v <= 1.0 for v in copy.values())
     # a finished stage is skipped when the command is run again
     assert "already done" in cli(common + ["run_dir=killed"], tmp_path).stdout
+
+
+def test_a_run_killed_in_its_copying_warm_up_resumes_to_the_uninterrupted_run(tiny_corpus, tmp_path):
+    common = TINY + [f"pretrain.files=[{tiny_corpus}/c.txt]", f"tokenizer.path={tiny_corpus}/tokenizer.json",
+                     "pretrain.steps=8", "pretrain.copy.steps=16", "pretrain.copy.rows=2",
+                     "pretrain.copy.batch_size=4", "pretrain.copy.span_min=2", "pretrain.copy.span_max=8",
+                     "pretrain.copy.checkpoint_every=8", "pretrain.copy.eval_every=8",
+                     "pretrain.copy.eval_batches=1"]
+    cli(common + ["run_dir=full"], tmp_path)
+    killed = cli(common + ["run_dir=killed"], tmp_path, env={"MINICHAT_SIGKILL_AT_STEP": "13"}, check=False)
+    assert killed.returncode == -9 and not (tmp_path / "killed/pretrain/metrics.jsonl").exists()
+    assert "resuming from step 8" in cli(common + ["run_dir=killed"], tmp_path).stdout
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
+    for part in ("pretrain/copy", "pretrain"):
+        full = MetricsLog.read(str(tmp_path / "full" / part / "metrics.jsonl"))
+        assert strip(full) == strip(MetricsLog.read(str(tmp_path / "killed" / part / "metrics.jsonl")))
+    warm_up = MetricsLog.read(str(tmp_path / "full/pretrain/copy/metrics.jsonl"))
+    assert [r["step"] for r in warm_up if "eval_loss" in r] == [0, 8, 16]
+    assert (tmp_path / "full/pretrain/copy_loss.png").stat().st_size > 0
+    warm = read_done(str(tmp_path / "killed"), "pretrain")["copy_warmup"]
+    assert warm["steps"] == 16 and warm["eval_loss"] == warm_up[-1]["eval_loss"]
+    cfg = ModelConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    a = nnx.state(restore_params(str(tmp_path / "full"), "pretrain", GPT.init(cfg, 5), cfg), nnx.Param)
+    b = nnx.state(restore_params(str(tmp_path / "killed"), "pretrain", GPT.init(cfg, 6), cfg), nnx.Param)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_ctrl_c_commits_the_save_in_flight_and_says_how_to_resume(tiny_corpus, tmp_path):
