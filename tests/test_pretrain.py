@@ -452,15 +452,19 @@ def test_ctrl_c_commits_the_save_in_flight_and_says_how_to_resume(tiny_corpus, t
     common = TINY + [f"pretrain.files=[{tiny_corpus}/c.txt]", f"tokenizer.path={tiny_corpus}/tokenizer.json",
                      "pretrain.checkpoint_every=2", "run_dir=run"]
     proc = subprocess.Popen([sys.executable, "-m", "minichat.train", *common, "pretrain.steps=1000000"],
-                            cwd=tmp_path, env={**os.environ, "XLA_FLAGS": ""}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env={**os.environ, "XLA_FLAGS": "", "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpts = str(tmp_path / "run/pretrain/checkpoints")
     deadline = time.time() + 300
     while not checkpoint_steps(ckpts) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # mid-training, saves every 2 steps: likely one in flight
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # show where it hangs: faulthandler dumps every thread on SIGABRT
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail(f"still running 120 s after Ctrl-C:\n{proc.communicate(timeout=60)[1][-6000:]}")
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: run the same command")
     last = checkpoint_steps(ckpts)[-1]
