@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from minichat.checkpoint import Checkpointer, MetricsLog, interrupt_after, mark_done, stage_dir
+from minichat.checkpoint import Checkpointer, MetricsLog, mark_done, stage_dir
 from minichat.data import lm_batch, load_texts, pack_documents
 from minichat.model import logprobs_from_logits
 from minichat.parallel import batch_divisor, device_peak_flops, is_main, mesh_size, mfu, shard_batch, shard_state, to_host
@@ -162,32 +162,29 @@ def fit(model, *, stage: str, run_dir: str, cfg, scfg, mesh, get_batch: Callable
     t0, n_tok = time.perf_counter(), 0
     peak, fpt = device_peak_flops(cfg.parallel.peak_flops), None
     for step in bar:
-        # Ctrl-C is held to the end of the step, so that it never lands inside JAX (a trace,
-        # a compile) or a save; steps are short. (A CI run once hung after a Ctrl-C mid-run.)
-        with interrupt_after():
-            batch = get_batch(step)
-            if fpt is None:  # model FLOPs per token at this batch's sequence length (for MFU)
-                from minichat.model import flops_per_token
-                fpt = flops_per_token(cfg.model, batch["tokens"].shape[1] - 1)
-            params, opt_state, metrics = step_fn(params, opt_state, shard_batch(batch, mesh))
-            loss = to_host(metrics["loss"])  # a host sync per step: keeps the log exact and cheap
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"[{stage}] loss became {loss} at step {step + 1}; "
-                                         f"lower {stage}.optim.lr or check the data")
-            n_tok += tokens_per_step
-            tok_s = n_tok / (time.perf_counter() - t0)
-            row = {"step": step + 1, "loss": loss, "grad_norm": to_host(metrics["grad_norm"]),
-                   "lr": float(schedule(step)), "tokens_per_s": tok_s,
-                   "mfu": mfu(tok_s, fpt, mesh_size(mesh), peak)}
-            if eval_batches and ((step + 1) % scfg.eval_every == 0 or step + 1 == scfg.steps):
-                row["eval_loss"] = evaluate(params)
-            log.log(row)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-            if (step + 1) % scfg.checkpoint_every == 0 or step + 1 == scfg.steps:
-                ckpt.save(step + 1, params, opt_state, meta(step + 1))
-            if fault_step == step + 1:  # fault injection for the kill-and-resume test:
-                ckpt.wait()  # let the last async save commit, so the resume point is deterministic
-                os.kill(os.getpid(), signal.SIGKILL)
+        batch = get_batch(step)
+        if fpt is None:  # model FLOPs per token at this batch's sequence length (for MFU)
+            from minichat.model import flops_per_token
+            fpt = flops_per_token(cfg.model, batch["tokens"].shape[1] - 1)
+        params, opt_state, metrics = step_fn(params, opt_state, shard_batch(batch, mesh))
+        loss = to_host(metrics["loss"])  # a host sync per step: keeps the log exact and cheap
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"[{stage}] loss became {loss} at step {step + 1}; "
+                                     f"lower {stage}.optim.lr or check the data")
+        n_tok += tokens_per_step
+        tok_s = n_tok / (time.perf_counter() - t0)
+        row = {"step": step + 1, "loss": loss, "grad_norm": to_host(metrics["grad_norm"]),
+               "lr": float(schedule(step)), "tokens_per_s": tok_s,
+               "mfu": mfu(tok_s, fpt, mesh_size(mesh), peak)}
+        if eval_batches and ((step + 1) % scfg.eval_every == 0 or step + 1 == scfg.steps):
+            row["eval_loss"] = evaluate(params)
+        log.log(row)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        if (step + 1) % scfg.checkpoint_every == 0 or step + 1 == scfg.steps:
+            ckpt.save(step + 1, params, opt_state, meta(step + 1))
+        if fault_step == step + 1:  # fault injection for the kill-and-resume test:
+            ckpt.wait()  # let the last async save commit, so the resume point is deterministic
+            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     ckpt.close()
     return nnx.merge(graphdef, params, *([rest] if rest is not None else [])), log.rows
