@@ -302,12 +302,12 @@ def run(cfg, run_dir: str, tok, mesh) -> dict:
     seq_len, bsz = cfg.pretrain.seq_len or cfg.model.block_size, cfg.pretrain.batch_size
     if seq_len > cfg.model.block_size:
         raise ValueError(f"pretrain.seq_len={seq_len} exceeds model.block_size={cfg.model.block_size}")
-    if bsz % batch_divisor(mesh):
-        raise ValueError(f"pretrain.batch_size={bsz} must be divisible by the {batch_divisor(mesh)} "
-                         f"devices of the mesh")
-    if cfg.pretrain.copy.steps and cfg.pretrain.copy.batch_size % batch_divisor(mesh):
-        raise ValueError(f"pretrain.copy.batch_size={cfg.pretrain.copy.batch_size} must be divisible by "
-                         f"the {batch_divisor(mesh)} devices of the mesh")
+    batches = {"pretrain.batch_size": bsz}
+    if cfg.pretrain.copy.steps:
+        batches["pretrain.copy.batch_size"] = cfg.pretrain.copy.batch_size
+    for key, size in batches.items():
+        if size % batch_divisor(mesh):
+            raise ValueError(f"{key}={size} must be divisible by the {batch_divisor(mesh)} devices of the mesh")
     train, val = split_streams(corpus_documents(cfg), tok)
     baseline = unigram_loss(train, val, tok.vocab_size)
     print(f"[pretrain] {len(train):,} train / {len(val):,} held-out tokens; "
