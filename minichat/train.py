@@ -173,8 +173,18 @@ def _hydra_main(dcfg) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        close_all()  # the save in flight commits; the run resumes from it
-        print(f"\ninterrupted: run the same command again to resume {run_dir_of(cfg)}", file=sys.stderr)
+        print("\ninterrupted: letting the checkpoint in flight commit (Ctrl-C again quits without it)",
+              file=sys.stderr, flush=True)
+        try:
+            close_all()  # the save in flight commits; the run resumes from it
+        except KeyboardInterrupt:
+            # Orbax's save threads may still run, and Python's exit would wait for them: leave
+            # now. The half-written step is a temporary directory that the resume ignores.
+            print(f"interrupted again: run the same command to resume {run_dir_of(cfg)} from its newest "
+                  f"complete checkpoint", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
+        print(f"interrupted: run the same command again to resume {run_dir_of(cfg)}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -109,6 +109,27 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_half_written_save_is_ignored_and_the_next_save_of_its_step_succeeds(tmp_path):
+    """What a kill (or a second Ctrl-C) in the middle of a save leaves: Orbax's temporary
+    directory for the step. The resume must take the step before and save over it."""
+    import shutil
+
+    params = nnx.split(GPT.init(CFG, 0), nnx.Param)[1]
+    directory = tmp_path / "ck"
+    ckpt = Checkpointer(str(directory), keep=2)
+    ckpt.save(2, params, meta={"step": 2})
+    ckpt.close()
+    half = directory / "4.orbax-checkpoint-tmp-1234"
+    shutil.copytree(directory / "2", half)
+    shutil.rmtree(half / "params")
+    ckpt = Checkpointer(str(directory), keep=2)
+    assert ckpt.latest_step() == 2 and ckpt.read_meta() == {"step": 2}
+    ckpt.save(4, params, meta={"step": 4})
+    ckpt.close()
+    ckpt = Checkpointer(str(directory), keep=2)
+    assert ckpt.latest_step() == 4 and ckpt.restore(None, params)[2] == {"step": 4}
+
+
 def test_restoring_into_a_different_shape_is_a_clear_error(tmp_path):
     model = GPT.init(CFG, 0)
     params = nnx.split(model, nnx.Param)[1]
@@ -478,6 +499,54 @@ def test_ctrl_c_commits_the_save_in_flight_and_says_how_to_resume(tiny_corpus, t
     assert f"resuming from step {last}" in resumed.stdout
 
 
+SAVE_THAT_NEVER_COMMITS = """
+import sys, threading
+import minichat.checkpoint as checkpoint, minichat.train as train
+
+class Stuck:  # an in-flight save whose commit hangs, and a save thread that never ends
+    def close(self):
+        threading.Thread(target=threading.Event().wait).start()
+        threading.Event().wait()
+
+stuck = Stuck()
+checkpoint._OPEN.add(stuck)
+
+def training(cfg):
+    print("training", flush=True)
+    threading.Event().wait()
+
+train.run = training
+sys.argv = ["minichat.train", "run_dir=r"]
+train.main()
+"""
+
+
+def test_a_second_ctrl_c_quits_even_when_the_save_in_flight_never_commits(tmp_path):
+    import signal
+    import time
+
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_THAT_NEVER_COMMITS], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(90, proc.kill)  # a hung run ends the reads below with EOF
+    watchdog.start()
+    assert proc.stdout.readline().strip() == "training"
+    proc.send_signal(signal.SIGINT)
+    line = ""
+    while "interrupted" not in line:
+        line = proc.stderr.readline()
+        assert line, "the run ended without saying that it was interrupted"
+    assert "letting the checkpoint in flight commit (Ctrl-C again quits without it)" in line
+    time.sleep(0.5)  # now inside close_all, waiting forever
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    watchdog.cancel()
+    assert proc.returncode == 130, f"a second Ctrl-C did not end the run (exit {proc.returncode}):\n{err[-3000:]}"
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted again: run the same command to resume r from")
+
+
 def test_fit_resumes_on_a_multi_device_mesh_to_the_same_parameters(tmp_path):
     import shutil
 
@@ -531,3 +600,17 @@ def test_two_processes_on_localhost_train_like_one_process_with_the_same_devices
     # the checkpoint written by 2 processes restores in a single process
     cfg = ModelConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32)
     restore_params(str(tmp_path / "multi"), "pretrain", GPT.init(cfg, 0), cfg)
+
+
+@pytest.mark.parametrize("key", ["pretrain.batch_size", "pretrain.copy.batch_size"])
+def test_a_batch_that_does_not_split_over_the_mesh_is_a_config_error(key, tmp_path):
+    from minichat import pretrain
+    from minichat.config import Config, CopyConfig, PretrainConfig
+
+    sizes = {"pretrain.batch_size": 8, "pretrain.copy.batch_size": 8, key: 6}
+    cfg = Config(model=CFG, pretrain=PretrainConfig(
+        batch_size=sizes["pretrain.batch_size"], seq_len=16,
+        copy=CopyConfig(steps=4, batch_size=sizes["pretrain.copy.batch_size"])))
+    mesh = make_mesh(ParallelConfig(data=-1), devices=jax.devices()[:4])
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}=6 must be divisible by the 4 devices"):
+        pretrain.run(cfg, str(tmp_path), tok=None, mesh=mesh)
