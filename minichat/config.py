@@ -211,7 +211,7 @@ class PPOConfig:
     clip_value: float = 0.2
     vf_coef: float = 0.1
     whiten_rewards: bool = False
-    no_end_penalty: float = -1.0  # score of a reply that never emits <|end|>
+    no_end_penalty: float = -1.0  # score of a reply that never emits <|end|> (or its own, if lower)
     ptx_coef: float = 0.0  # InstructGPT's PPO-ptx gamma (pretraining loss mix-in)
     files: list[str] = field(default_factory=list)  # user's prompt JSONL
     checkpoint_every: int = 10

@@ -61,6 +61,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "penalise_unended",
     "shape_rewards",
     "gae",
     "ppo_losses",
@@ -129,6 +130,16 @@ def masked_whiten(
     return jnp.where(m, w, 0)
 
 
+def penalise_unended(scores: jax.Array, ended: jax.Array, no_end_penalty: float) -> jax.Array:
+    """The score of a reply that never emitted the end token (N-details #10), capped: the
+    fixed penalty, or the reward model's own score of the cut-off reply if that is lower.
+    A plain replacement would be a floor: where the reward model scores the policy's replies
+    below the penalty, never ending pays, and a fast-moving policy learns it (docs 04,
+    section 9: at lr 1e-4 the share of replies that ended fell by 9 points)."""
+    scores = jnp.asarray(scores)
+    return jnp.where(jnp.asarray(ended, dtype=bool), scores, jnp.minimum(scores, no_end_penalty))
+
+
 def shape_rewards(
     scores: jax.Array,
     logprobs: jax.Array,
@@ -147,8 +158,9 @@ def shape_rewards(
     reply is an unbiased estimate of KL(pi || pi_ref) for the sequence. The score is read at the
     reply's last real token (``last_token_index(mask)``), the end token for replies that ended.
 
-    If ``ended`` (B,) bool is given, rows that never emitted the end token get their score
-    replaced by the fixed ``no_end_penalty`` (Huang et al. 2023, e.g. -1); it is then required.
+    If ``ended`` (B,) bool is given, rows that never emitted the end token get the fixed
+    ``no_end_penalty`` (Huang et al. 2023, e.g. -1) instead of their score, or their score if
+    it is lower (``penalise_unended``); the penalty is then required.
 
     Args:
       scores: (B,) reward-model scores of the full replies.
@@ -165,7 +177,7 @@ def shape_rewards(
     if ended is not None:
         if no_end_penalty is None:
             raise ValueError("shape_rewards: `ended` given without `no_end_penalty`")
-        scores = jnp.where(jnp.asarray(ended, dtype=bool), scores, no_end_penalty)
+        scores = penalise_unended(scores, ended, no_end_penalty)
     # jnp.where selects (no 0 * NaN): garbage at masked positions never leaks.
     kl = jnp.where(m, jnp.asarray(logprobs) - jnp.asarray(ref_logprobs), 0)
     non_score_reward = -kl_coef * kl
@@ -501,7 +513,7 @@ def make_experience_fn(policy_graphdef, value_graphdef, reward_fn: Callable, hp:
         advantages = masked_whiten(advantages, m)  # N-details #13: over the masked batch
         rollout = Rollout(query, query_mask, response, mask.astype(jnp.int32), lp, values,
                           advantages, returns)
-        penalised = jnp.where(ended, scores, hp.no_end_penalty)
+        penalised = penalise_unended(scores, ended, hp.no_end_penalty)
         rows = {"scores": scores, "ended": ended, "length": m.sum(1), "kl": kl.sum(1),
                 "response": response, "mask": mask, "rewards": rewards, "kl_tokens": kl}
         stats = {
@@ -925,7 +937,7 @@ def make_score_fn(reward_fn: Callable, no_end_penalty: float, end_id: int):
         full_mask = jnp.concatenate([query_mask, mask], axis=1).astype(jnp.int32)
         s = reward_fn(reward_params, tokens, full_mask).astype(jnp.float32)
         ended = jnp.any((response == end_id) & (mask != 0), axis=1)
-        return jnp.where(ended, s, no_end_penalty)
+        return penalise_unended(s, ended, no_end_penalty)
     return score
 
 

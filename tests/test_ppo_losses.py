@@ -20,6 +20,7 @@ from minichat.ppo import (
     masked_mean,
     masked_var,
     masked_whiten,
+    penalise_unended,
     ppo_losses,
     shape_rewards,
 )
@@ -106,6 +107,20 @@ def test_shape_rewards_no_end_penalty_only_for_rows_without_end():
     assert float(rewards[1, 6]) == -1.0 and float(rewards[0, 1]) == 2.0
     with pytest.raises(ValueError):
         shape_rewards(scores, zeros, zeros, mask, 0.05, ended=ended)
+
+
+@settings(deadline=None, max_examples=50)
+@given(st.lists(st.tuples(st.floats(-10, 10, width=32), st.booleans()), min_size=1, max_size=8),
+       st.floats(-5, 0, width=32))
+def test_not_ending_never_pays(rows, penalty):
+    """An unended reply scores min(its own score, the penalty): never more than it would
+    have scored, never more than the penalty; ended replies keep their score exactly."""
+    scores = np.array([s for s, _ in rows], np.float32)
+    ended = np.array([e for _, e in rows])
+    out = np.asarray(penalise_unended(scores, ended, penalty))
+    np.testing.assert_array_equal(out[ended], scores[ended])
+    assert np.all(out[~ended] <= scores[~ended]) and np.all(out[~ended] <= np.float32(penalty))
+    np.testing.assert_array_equal(out[~ended], np.minimum(scores[~ended], np.float32(penalty)))
 
 
 # ---------------------------------------------------------------- GAE
