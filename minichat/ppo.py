@@ -504,16 +504,17 @@ def make_experience_fn(policy_graphdef, value_graphdef, reward_fn: Callable, hp:
         lp, ref_lp, values = (jnp.where(m, x, 0.0) for x in (lp, ref_lp, values))
         scores = reward_fn(reward_params, tokens, full_mask).astype(jnp.float32)
         ended = jnp.any((response == hp.end_id) & m, axis=1)
-        # N-details #9, #10: score on the last real token, -beta * (logp - logp_ref) on every
-        # reply token; a reply that never ended gets the fixed penalty instead of its score.
-        rewards, kl, non_score = shape_rewards(scores, lp, ref_lp, m, kl_coef, ended, hp.no_end_penalty)
+        # N-details #10: a reply that never ended gets the penalty (or its score, if lower).
+        penalised = penalise_unended(scores, ended, hp.no_end_penalty)
+        # N-details #9: that score on the last real token, -beta * (logp - logp_ref) on every
+        # reply token.
+        rewards, kl, non_score = shape_rewards(penalised, lp, ref_lp, m, kl_coef)
         if hp.whiten_rewards:  # optional, off by default (N+ details)
             rewards = masked_whiten(rewards, m, shift_mean=False)
         advantages, returns = gae(rewards, values, m, hp.gamma, hp.lam)  # N-details #12
         advantages = masked_whiten(advantages, m)  # N-details #13: over the masked batch
         rollout = Rollout(query, query_mask, response, mask.astype(jnp.int32), lp, values,
                           advantages, returns)
-        penalised = penalise_unended(scores, ended, hp.no_end_penalty)
         rows = {"scores": scores, "ended": ended, "length": m.sum(1), "kl": kl.sum(1),
                 "response": response, "mask": mask, "rewards": rewards, "kl_tokens": kl}
         stats = {

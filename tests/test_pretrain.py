@@ -526,9 +526,8 @@ train.main()
 
 def test_a_second_ctrl_c_quits_even_when_the_save_in_flight_never_commits(tmp_path):
     import signal
-    import time
-
     import threading
+    import time
 
     proc = subprocess.Popen([sys.executable, "-c", SAVE_THAT_NEVER_COMMITS], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
