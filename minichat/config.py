@@ -194,6 +194,8 @@ class PPOConfig:
     minibatch_size: int = 16  # rollouts per optimizer step
     micro_batch_size: int = 16  # rollouts per forward/backward (gradient accumulation)
     epochs: int = 4  # PPO epochs over each rollout batch
+    samples_per_prompt: int = 1  # replies sampled per prompt (batch_size / this distinct prompts)
+    advantage: str = "gae"  # gae (value model, Schulman et al. 2016) | rloo (leave-one-out)
     temperature: float = 0.7
     max_new_tokens: int = 48
     # beta, the KL penalty (initial value if adaptive). Measured on default runs (docs 04,
@@ -211,6 +213,9 @@ class PPOConfig:
     clip_value: float = 0.2
     vf_coef: float = 0.1
     whiten_rewards: bool = False
+    # model: the reward model of `reward` (the recipe); gold: ChatWorld's judge itself, a
+    # diagnostic that takes the reward model out of the question (docs 04, section 9)
+    reward_source: str = "model"
     no_end_penalty: float = -1.0  # score of a reply that never emits <|end|> (or its own, if lower)
     ptx_coef: float = 0.0  # InstructGPT's PPO-ptx gamma (pretraining loss mix-in)
     files: list[str] = field(default_factory=list)  # user's prompt JSONL
@@ -291,7 +296,9 @@ _RULES = {
     "ppo.max_new_tokens": _positive, "ppo.kl_coef": _non_negative, "ppo.kl_target": _positive,
     "ppo.kl_horizon": _positive, "ppo.gamma": _share, "ppo.lam": _share,
     "ppo.clip_ratio": _positive, "ppo.clip_value": _positive, "ppo.vf_coef": _non_negative,
-    "ppo.ptx_coef": _non_negative,
+    "ppo.ptx_coef": _non_negative, "ppo.samples_per_prompt": _positive,
+    "ppo.advantage": (lambda v: v in ("gae", "rloo"), "must be gae or rloo"),
+    "ppo.reward_source": (lambda v: v in ("model", "gold"), "must be model or gold"),
     "rounds": _non_negative,
 }
 

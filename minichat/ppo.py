@@ -64,6 +64,7 @@ __all__ = [
     "penalise_unended",
     "shape_rewards",
     "gae",
+    "rloo_advantages",
     "ppo_losses",
     "entropy_from_logits",
     "explained_variance",
@@ -224,6 +225,25 @@ def gae(
     advantages = adv_tb.T
     returns = jnp.where(m, advantages + v, 0)
     return advantages, returns
+
+
+def rloo_advantages(returns: jax.Array, k: int) -> jax.Array:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, eq. 6).
+
+        A_i = R_i - 1/(k-1) * sum_{j != i} R_j        over the k replies to the same prompt
+
+    ``returns`` (B,) holds each reply's whole KL-shaped return (score - beta * sum_t kl_t);
+    rows come in groups of ``k`` consecutive replies to one prompt (B a multiple of k >= 2).
+    The baseline is the mean of the *other* replies, so it does not depend on reply i and the
+    estimator stays unbiased; it removes what the prompt alone decides (some families score
+    +0.9 whatever the policy does, others -0.5), the variance a value model has to learn.
+    Equivalently A_i = k/(k-1) * (R_i - mean of the group)."""
+    R = jnp.asarray(returns)
+    B = R.shape[0]
+    if k < 2 or B % k:
+        raise ValueError(f"rloo_advantages: batch {B} must be a multiple of samples_per_prompt={k} >= 2")
+    g = R.reshape(B // k, k)
+    return ((g - g.mean(axis=1, keepdims=True)) * (k / (k - 1))).reshape(B)
 
 
 def ppo_losses(
@@ -415,23 +435,35 @@ class PPOHyper:
     epochs: int
     minibatch_size: int
     micro_batch_size: int
+    samples_per_prompt: int
+    advantage: str
     end_id: int
 
     @classmethod
     def from_config(cls, pcfg, end_id: int) -> "PPOHyper":
         """The PPOConfig fields of the same names, typed as declared here."""
-        cast = {"float": float, "int": int, "bool": bool}
+        cast = {"float": float, "int": int, "bool": bool, "str": str}
         values = {f.name: cast[str(f.type)](getattr(pcfg, f.name))
                   for f in dataclasses.fields(cls) if f.name != "end_id"}
         return cls(**values, end_id=int(end_id))
 
 
-def check_batch_sizes(batch_size: int, minibatch_size: int, micro_batch_size: int) -> None:
+def check_batch_sizes(batch_size: int, minibatch_size: int, micro_batch_size: int,
+                      samples_per_prompt: int = 1, advantage: str = "gae") -> None:
     """Batch (rollouts per iteration) / minibatch (rollouts per optimizer step) / micro-batch
-    (rollouts per forward-backward) are three different things (N-details #14)."""
+    (rollouts per forward-backward) are three different things (N-details #14); the batch
+    holds `samples_per_prompt` replies to each of its prompts."""
     if batch_size % minibatch_size or minibatch_size % micro_batch_size:
         raise ValueError(f"ppo.batch_size={batch_size} must be a multiple of ppo.minibatch_size="
                          f"{minibatch_size}, itself a multiple of ppo.micro_batch_size={micro_batch_size}")
+    if advantage not in ("gae", "rloo"):
+        raise ValueError(f"ppo.advantage={advantage!r}: expected 'gae' or 'rloo'")
+    if samples_per_prompt < 1 or batch_size % samples_per_prompt:
+        raise ValueError(f"ppo.batch_size={batch_size} must be a multiple of ppo.samples_per_prompt="
+                         f"{samples_per_prompt}")
+    if advantage == "rloo" and samples_per_prompt < 2:
+        raise ValueError("ppo.advantage=rloo compares the replies to one prompt: it needs "
+                         f"ppo.samples_per_prompt >= 2 (got {samples_per_prompt})")
 
 
 def reply_logits(model, tokens, mask, prompt_len: int, temperature: float):
@@ -497,7 +529,9 @@ def make_experience_fn(policy_graphdef, value_graphdef, reward_fn: Callable, hp:
             ent = _token_entropy(logits)
             ref_lp = logprobs_from_logits(reply_logits(refm, tokens, full_mask, P, hp.temperature),
                                           response)
-            return lp, ent, ref_lp, reply_values(val, tokens, full_mask, P)
+            # RLOO's baseline is the other replies to the prompt: no value model to run.
+            v = reply_values(val, tokens, full_mask, P) if hp.advantage == "gae" else jnp.zeros_like(lp)
+            return lp, ent, ref_lp, v
 
         lp, ent, ref_lp, values = _micro_map(forward, hp.micro_batch_size, tokens, full_mask, response)
         # N-details #11: nothing past the end token counts: zero it, mask it everywhere.
@@ -511,7 +545,13 @@ def make_experience_fn(policy_graphdef, value_graphdef, reward_fn: Callable, hp:
         rewards, kl, non_score = shape_rewards(penalised, lp, ref_lp, m, kl_coef)
         if hp.whiten_rewards:  # optional, off by default (N+ details)
             rewards = masked_whiten(rewards, m, shift_mean=False)
-        advantages, returns = gae(rewards, values, m, hp.gamma, hp.lam)  # N-details #12
+        if hp.advantage == "rloo":
+            # One advantage per reply, on every one of its tokens; the value model is unused
+            # (returns = values: a zero value loss).
+            adv = rloo_advantages(jnp.where(m, rewards, 0.0).sum(1), hp.samples_per_prompt)
+            advantages, returns = jnp.where(m, adv[:, None], 0.0), values  # values: zeros
+        else:
+            advantages, returns = gae(rewards, values, m, hp.gamma, hp.lam)  # N-details #12
         advantages = masked_whiten(advantages, m)  # N-details #13: over the masked batch
         rollout = Rollout(query, query_mask, response, mask.astype(jnp.int32), lp, values,
                           advantages, returns)
@@ -570,7 +610,7 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
         val = nnx.merge(value_graphdef, value, *vrest)
         logits = reply_logits(pol, tokens, full_mask, P, hp.temperature)
         lp = logprobs_from_logits(logits, batch.response)
-        v = reply_values(val, tokens, full_mask, P)
+        v = reply_values(val, tokens, full_mask, P) if hp.advantage == "gae" else batch.values
         loss, stats = ppo_losses(lp, batch.logprobs, batch.advantages, v, batch.values,
                                  batch.returns, batch.mask, clip_ratio=hp.clip_ratio,
                                  clip_value=hp.clip_value, vf_coef=hp.vf_coef)
@@ -613,8 +653,9 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
                 g_pol, g_val, stats = jax.tree.map(lambda g: g / n_micro, (g_pol, g_val, stats))
             upd, policy_opt = policy_tx.update(g_pol, policy_opt, policy)
             policy = optax.apply_updates(policy, upd)
-            upd, value_opt = value_tx.update(g_val, value_opt, value)
-            value = optax.apply_updates(value, upd)
+            if hp.advantage == "gae":  # (RLOO: no value model, its gradient is 0)
+                upd, value_opt = value_tx.update(g_val, value_opt, value)
+                value = optax.apply_updates(value, upd)
             stats["policy_grad_norm"] = optax.tree.norm(g_pol)
             stats["value_grad_norm"] = optax.tree.norm(g_val)
             return (policy, value, policy_opt, value_opt), stats
@@ -739,7 +780,8 @@ class PPOTrainer:
                  pad_id: int, total_iterations: int, mesh=None, peak_flops: float = 0.0):
         from minichat.pretrain import make_optimizer
 
-        check_batch_sizes(pcfg.batch_size, pcfg.minibatch_size, pcfg.micro_batch_size)
+        check_batch_sizes(pcfg.batch_size, pcfg.minibatch_size, pcfg.micro_batch_size,
+                          pcfg.samples_per_prompt, pcfg.advantage)
         self.pcfg, self.end_id, self.pad_id, self.mesh = pcfg, int(end_id), int(pad_id), mesh
         self.hp = PPOHyper.from_config(pcfg, end_id)
         self.model_config, self.peak_flops = policy.config, float(peak_flops)  # for MFU
@@ -826,8 +868,9 @@ class PPOTrainer:
         c, T = self.model_config, P + N
         lm = flops_per_token(c, T)
         scalar = lm - 6.0 * c.vocab_size * c.n_embd
-        gen, score = B * T * lm / 3, B * T * (2 * lm + 2 * scalar) / 3
-        update = self.hp.epochs * B * T * (lm + scalar)
+        n_value = int(self.hp.advantage == "gae")  # RLOO runs no value model
+        gen, score = B * T * lm / 3, B * T * (2 * lm + (1 + n_value) * scalar) / 3
+        update = self.hp.epochs * B * T * (lm + n_value * scalar)
         if ptx is not None:
             L = ptx.shape[-1] - 1
             update += int(np.prod(ptx.shape[:-1])) * L * flops_per_token(c, L)
@@ -928,6 +971,34 @@ def best_of_n_baseline(trainer: PPOTrainer, tok, examples, query, query_mask, ns
                     "rm": float(np.take_along_axis(g_rm, best, -1).mean()),
                     "gold": float(np.take_along_axis(g_gold, best, -1).mean())})
     return out
+
+
+def gold_reward_fn(pool: list[dict], pool_q: np.ndarray, tok) -> Callable:
+    """A `reward_fn(params, tokens, mask) -> (B,)` that is ChatWorld's gold judge: each row's
+    prompt (its left-padded ids, exactly as `encode_prompts` wrote them) is looked up among
+    `pool`'s, its reply decoded and judged on the host (`jax.pure_callback`, so it runs inside the
+    jitted experience pass). With it PPO optimises the true objective: what is left between
+    PPO and best-of-n is the optimiser's doing, not the reward model's (docs 04, section 9)."""
+    width = pool_q.shape[1]
+    row_of = {}
+    for i, q in enumerate(np.asarray(pool_q, np.int32)):
+        row_of.setdefault(q.tobytes(), i)
+
+    def judge_rows(tokens, mask):
+        tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask)
+        missing = [i for i, row in enumerate(tokens) if row[:width].tobytes() not in row_of]
+        if missing:
+            raise KeyError(f"gold reward: row {missing[0]}'s prompt is not among the {len(pool)} it knows")
+        examples = [pool[row_of[row[:width].tobytes()]] for row in tokens]
+        scores, _ = gold_scores(examples, tok, tokens[:, width:], mask[:, width:])
+        return np.asarray(scores, np.float32)
+
+    def reward_fn(params, tokens, mask):
+        del params
+        out = jax.ShapeDtypeStruct(tokens.shape[:1], jnp.float32)
+        return jax.pure_callback(judge_rows, out, tokens, mask)
+
+    return reward_fn
 
 
 def make_score_fn(reward_fn: Callable, no_end_penalty: float, end_id: int):
@@ -1043,7 +1114,10 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     t_start = time.perf_counter()
     pcfg = cfg.ppo
     sdir = stage_dir(run_dir, stage)
-    check_batch_sizes(pcfg.batch_size, pcfg.minibatch_size, pcfg.micro_batch_size)
+    check_batch_sizes(pcfg.batch_size, pcfg.minibatch_size, pcfg.micro_batch_size,
+                      pcfg.samples_per_prompt, pcfg.advantage)
+    if pcfg.reward_source not in ("model", "gold"):
+        raise ValueError(f"ppo.reward_source={pcfg.reward_source!r}: expected 'model' or 'gold'")
 
     # -- models: policy from `policy_stage`, frozen reference = SFT, value model from the RM --
     policy = restore_params(run_dir, policy_stage, GPT.init(cfg.model, cfg.seed), cfg.model)
@@ -1059,12 +1133,6 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     def reward_fn(params, tokens, mask):
         return score(nnx.merge(rm_graphdef, params[0]), tokens, mask, params[1])
 
-    trainer = PPOTrainer(policy, ref, value, reward_params, reward_fn, pcfg, end_id=tok.end_id,
-                         pad_id=tok.pad_id, total_iterations=pcfg.iterations, mesh=mesh,
-                         peak_flops=cfg.parallel.peak_flops)
-    del policy, ref, value
-
-    # -- prompts: one fixed width for the whole run (one compile) --
     pool = prompt_pool(cfg)
     has_gold = all("meta" in ex for ex in pool)
     width, keep = choose_prompt_width(tok, pool, pcfg, cfg.model.block_size)
@@ -1073,7 +1141,23 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
               f"{width} and are left out (ppo.prompt_width sets it)")
         pool = [pool[i] for i in keep]
     pool_q, pool_m = encode_prompts(tok, pool, width)
-    trainer.prompt_width = width
+    if pcfg.reward_source == "gold":
+        if not has_gold:
+            raise ValueError("ppo.reward_source=gold needs ChatWorld prompts (the gold judge knows "
+                             "their truth); the prompt files of ppo.files have none")
+        from minichat.sft import heldout_prompts
+        # the held-out prompts too: `heldout_kl` runs them through the experience pass
+        judged = pool + [p for p in heldout_prompts(cfg) if len(tok.render_prompt(p["messages"])) <= width]
+        reward_fn = gold_reward_fn(judged, encode_prompts(tok, judged, width)[0], tok)
+        print("[ppo] reward: the GOLD JUDGE itself (ppo.reward_source=gold, a diagnostic: what PPO "
+              "does with a perfect reward model)")
+
+    trainer = PPOTrainer(policy, ref, value, reward_params, reward_fn, pcfg, end_id=tok.end_id,
+                         pad_id=tok.pad_id, total_iterations=pcfg.iterations, mesh=mesh,
+                         peak_flops=cfg.parallel.peak_flops)
+    del policy, ref, value
+
+    trainer.prompt_width = width  # prompts: one fixed width for the whole run (one compile)
     B = pcfg.batch_size
     if len(pool) < B:
         raise ValueError(f"{len(pool)} PPO prompts but ppo.batch_size={B}")
@@ -1148,7 +1232,8 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
                disable=not (cfg.progress and jax.process_index() == 0), dynamic_ncols=True)
     for it in bar:
         from minichat.data import epoch_batch_indices
-        idx = epoch_batch_indices(len(pool), it, B, cfg.seed)
+        k = pcfg.samples_per_prompt
+        idx = np.repeat(epoch_batch_indices(len(pool), it, B // k, cfg.seed), k)
         t0 = time.perf_counter()
         _, rows, row, _ = trainer.step(pool_q[idx], pool_m[idx], jax.random.fold_in(base_key, it),
                                        ptx_batch(it))

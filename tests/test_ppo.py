@@ -189,6 +189,12 @@ def test_batch_sizes_are_checked():
         ppo.check_batch_sizes(64, 24, 8)
     with pytest.raises(ValueError, match="micro_batch_size"):
         ppo.check_batch_sizes(64, 16, 3)
+    with pytest.raises(ValueError, match="samples_per_prompt=3"):
+        ppo.check_batch_sizes(64, 16, 8, samples_per_prompt=3)
+    with pytest.raises(ValueError, match="needs ppo.samples_per_prompt >= 2"):
+        ppo.check_batch_sizes(64, 16, 8, samples_per_prompt=1, advantage="rloo")
+    with pytest.raises(ValueError, match="expected 'gae' or 'rloo'"):
+        ppo.check_batch_sizes(64, 16, 8, advantage="grpo")
 
 
 # ---------------------------------------------------------------- learning
@@ -214,29 +220,43 @@ def test_short_ppo_run_raises_a_toy_reward():
 # ---------------------------------------------------------------- the stage: files and resume
 
 
-def test_stage_writes_checkpoints_metrics_plots_and_resumes_as_if_never_stopped(tmp_path, capsys):
-    from dataclasses import asdict, replace
+MC_STAGE = ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=32)
+PCFG_STAGE = PPOConfig(iterations=2, batch_size=8, minibatch_size=4, micro_batch_size=2, epochs=1,
+                       max_new_tokens=8, n_prompts=64, best_of_n=[1, 2], best_of_n_prompts=8,
+                       checkpoint_every=1, evaluate=True, prompt_width=48)
 
-    from minichat.checkpoint import Checkpointer, MetricsLog, read_done, restore_params
-    from minichat.config import WorldConfig
-    from minichat.parallel import make_mesh
+
+def stage_run_dir(run_dir):
+    """A run directory holding an (untrained) SFT policy and reward model, and the tokenizer."""
+    from dataclasses import asdict
+
+    from minichat.checkpoint import Checkpointer
     from minichat.tokenizer import train_tokenizer
-    from minichat.world import FAMILIES, build_world, generate_dialogues
+    from minichat.world import build_world, generate_dialogues
 
-    run_dir = str(tmp_path)
     texts = [m["content"] for d in generate_dialogues(build_world(0), 400, "train", seed=0)
              for m in d["messages"]]
     tok = train_tokenizer(texts, 512)
-    mc = ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=32)
-    sft = GPT.init(mc, 0)
+    sft = GPT.init(MC_STAGE, 0)
     rm = ScalarGPT.from_gpt(sft, 1)
     for stage, model, extra in (("sft", sft, {}), ("reward", rm, {"bias": 0.5})):
         ck = Checkpointer(os.path.join(run_dir, stage, "checkpoints"), async_save=False)
-        ck.save(1, nnx.state(model, nnx.Param), meta={"step": 1, "model": asdict(mc), **extra})
+        ck.save(1, nnx.state(model, nnx.Param), meta={"step": 1, "model": asdict(MC_STAGE), **extra})
         ck.close()
-    pcfg = PPOConfig(iterations=2, batch_size=8, minibatch_size=4, micro_batch_size=2, epochs=1,
-                     max_new_tokens=8, n_prompts=64, best_of_n=[1, 2], best_of_n_prompts=8,
-                     checkpoint_every=1, evaluate=True, prompt_width=48)
+    return tok, sft
+
+
+def test_stage_writes_checkpoints_metrics_plots_and_resumes_as_if_never_stopped(tmp_path, capsys):
+    from dataclasses import replace
+
+    from minichat.checkpoint import MetricsLog, read_done, restore_params
+    from minichat.config import WorldConfig
+    from minichat.parallel import make_mesh
+    from minichat.world import FAMILIES
+
+    run_dir = str(tmp_path)
+    tok, sft = stage_run_dir(run_dir)
+    mc, pcfg = MC_STAGE, PCFG_STAGE
     cfg = Config(model=mc, world=WorldConfig(n_heldout=1), ppo=pcfg, progress=False)
     mesh = make_mesh(cfg.parallel, jax.devices()[:2])  # two of conftest's fake devices: a sharded batch
     summary = ppo.run(cfg, run_dir, tok, mesh)
@@ -284,3 +304,47 @@ def test_stage_writes_checkpoints_metrics_plots_and_resumes_as_if_never_stopped(
     resumed, uninterrupted = (jax.tree.leaves(nnx.state(restore_params(d, "ppo", GPT.init(mc, 0), mc), nnx.Param))
                               for d in (run_dir, str(straight)))
     assert all(np.array_equal(a, b) for a, b in zip(resumed, uninterrupted, strict=True))
+
+
+@pytest.mark.parametrize("advantage, k", [("gae", 1), ("rloo", 4)])
+def test_gold_reward_source_pays_the_gold_judge_score(tmp_path, advantage, k):
+    """`ppo.reward_source=gold`: the score in the jitted experience pass (a host callback on a
+    sharded batch) is the gold judge's verdict that the loop computes apart on the same
+    rollouts; with `samples_per_prompt` the batch holds k replies to each prompt. The
+    held-out evaluation, whose KL goes through the same pass, runs too."""
+    from dataclasses import replace
+
+    from minichat.checkpoint import MetricsLog
+    from minichat.config import WorldConfig
+    from minichat.parallel import make_mesh
+
+    tok, _ = stage_run_dir(str(tmp_path))
+    pcfg = replace(PCFG_STAGE, reward_source="gold", advantage=advantage, samples_per_prompt=k,
+                   best_of_n=[])
+    cfg = Config(model=MC_STAGE, world=WorldConfig(n_heldout=2), ppo=pcfg, progress=False)
+    summary = ppo.run(cfg, str(tmp_path), tok, make_mesh(cfg.parallel, jax.devices()[:2]))
+    assert np.isfinite(summary["kl_to_sft"])  # the held-out prompts go through it too
+    rows = MetricsLog.read(os.path.join(tmp_path, "ppo", "metrics.jsonl"))
+    assert len(rows) == 2
+    for r in rows:
+        assert r["objective/scores"] == pytest.approx(r["gold"], abs=1e-5)
+
+
+def test_rloo_groups_replies_by_prompt_and_leaves_the_value_model_alone():
+    """advantage=rloo on k replies per prompt: every reply's advantage is one number on all of
+    its tokens, the k advantages of a prompt sum to 0 before whitening (so the whitened ones
+    share a sum), and the update does not move the value model."""
+    pcfg = PPOConfig(**{**PCFG.__dict__, "advantage": "rloo", "samples_per_prompt": 4})
+    tr = make_trainer("rm", pcfg)
+    q, qm = prompts(2, b=4)
+    q, qm = np.repeat(q, 4, axis=0), np.repeat(qm, 4, axis=0)
+    value_before = jax.tree.map(np.asarray, tr.value)
+    rollout, rows, _, _ = tr.step(q, qm, jax.random.key(3))
+    adv, m = np.asarray(rollout.advantages), np.asarray(rollout.mask) > 0
+    per_reply = np.array([a[mm][0] if mm.any() else 0.0 for a, mm in zip(adv, m)])
+    assert np.allclose(np.where(m, adv, per_reply[:, None]), per_reply[:, None])
+    assert np.all(adv[~m] == 0)
+    group_sums = per_reply.reshape(4, 4).sum(1)
+    assert np.allclose(group_sums, group_sums[0], atol=1e-4)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(value_before),
+                                                     jax.tree.leaves(jax.tree.map(np.asarray, tr.value))))

@@ -22,6 +22,7 @@ from minichat.ppo import (
     masked_whiten,
     penalise_unended,
     ppo_losses,
+    rloo_advantages,
     shape_rewards,
 )
 
@@ -180,6 +181,32 @@ def test_gae_hand_example():
     )
     np.testing.assert_allclose(adv, [[0.325, 0.45, 0.7, 0.0]], rtol=1e-6)
     np.testing.assert_allclose(ret, [[0.425, 0.65, 1.0, 0.0]], rtol=1e-6)
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.integers(2, 5), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_rloo_advantage_is_return_minus_the_mean_of_the_other_replies(k, groups, seed):
+    rng = np.random.default_rng(seed)
+    R = rng.normal(size=groups * k)
+    ref = np.empty_like(R)
+    for i in range(len(R)):  # brute force: the other k - 1 replies to the same prompt
+        g = i // k
+        others = [R[j] for j in range(g * k, (g + 1) * k) if j != i]
+        ref[i] = R[i] - sum(others) / (k - 1)
+    with jax.enable_x64(True):
+        adv = np.asarray(rloo_advantages(R, k))
+        np.testing.assert_allclose(adv, ref, rtol=1e-12, atol=1e-12)
+        # what the prompt alone decides cancels: a constant per group changes nothing
+        shift = np.repeat(rng.normal(size=groups) * 10, k)
+        np.testing.assert_allclose(np.asarray(rloo_advantages(R + shift, k)), ref, atol=1e-9)
+    np.testing.assert_allclose(adv.reshape(groups, k).sum(1), 0, atol=1e-9)
+
+
+def test_rloo_needs_whole_groups_of_at_least_two():
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        rloo_advantages(jnp.zeros(6), 4)
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        rloo_advantages(jnp.zeros(6), 1)
 
 
 # ---------------------------------------------------------------- PPO losses
