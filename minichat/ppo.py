@@ -131,6 +131,11 @@ def masked_whiten(
     return jnp.where(m, w, 0)
 
 
+def reply_ended(response: jax.Array, mask: jax.Array, end_id: int) -> jax.Array:
+    """(B,) bool: the reply emitted the end token among its real tokens."""
+    return jnp.any((jnp.asarray(response) == end_id) & _bool(mask), axis=1)
+
+
 def penalise_unended(scores: jax.Array, ended: jax.Array, no_end_penalty: float) -> jax.Array:
     """The score of a reply that never emitted the end token (N-details #10), capped: the
     fixed penalty, or the reward model's own score of the cut-off reply if that is lower.
@@ -537,7 +542,7 @@ def make_experience_fn(policy_graphdef, value_graphdef, reward_fn: Callable, hp:
         # N-details #11: nothing past the end token counts: zero it, mask it everywhere.
         lp, ref_lp, values = (jnp.where(m, x, 0.0) for x in (lp, ref_lp, values))
         scores = reward_fn(reward_params, tokens, full_mask).astype(jnp.float32)
-        ended = jnp.any((response == hp.end_id) & m, axis=1)
+        ended = reply_ended(response, m, hp.end_id)
         # N-details #10: a reply that never ended gets the penalty (or its score, if lower).
         penalised = penalise_unended(scores, ended, hp.no_end_penalty)
         # N-details #9: that score on the last real token, -beta * (logp - logp_ref) on every
@@ -1008,7 +1013,7 @@ def make_score_fn(reward_fn: Callable, no_end_penalty: float, end_id: int):
         tokens = jnp.concatenate([query, response], axis=1)
         full_mask = jnp.concatenate([query_mask, mask], axis=1).astype(jnp.int32)
         s = reward_fn(reward_params, tokens, full_mask).astype(jnp.float32)
-        ended = jnp.any((response == end_id) & (mask != 0), axis=1)
+        ended = reply_ended(response, mask, end_id)
         return penalise_unended(s, ended, no_end_penalty)
     return score
 
