@@ -571,11 +571,11 @@ def make_experience_fn(policy_graphdef, value_graphdef, reward_fn: Callable, hp:
             "objective/rlhf_reward": (penalised + non_score.sum(1)).mean(),
             "objective/entropy": masked_mean(ent, m),
             "objective/kl_coef": jnp.asarray(kl_coef, jnp.float32),
-            "val/mean": masked_mean(values, m),
-            "val/returns_mean": masked_mean(returns, m),
-            "val/explained_variance": explained_variance(values, returns, m),
             "debug/sampler_logprob_gap": masked_mean(jnp.abs(sampler_logprobs - lp), m),
         }
+        if hp.advantage == "gae":
+            stats.update({"val/mean": masked_mean(values, m), "val/returns_mean": masked_mean(returns, m),
+                          "val/explained_variance": explained_variance(values, returns, m)})
         return rollout, rows, stats
 
     return jax.jit(experience)
@@ -1138,6 +1138,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     def reward_fn(params, tokens, mask):
         return score(nnx.merge(rm_graphdef, params[0]), tokens, mask, params[1])
 
+    # -- prompts: one fixed width for the whole run (one compile) --
     pool = prompt_pool(cfg)
     has_gold = all("meta" in ex for ex in pool)
     width, keep = choose_prompt_width(tok, pool, pcfg, cfg.model.block_size)
@@ -1162,12 +1163,14 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
                          peak_flops=cfg.parallel.peak_flops)
     del policy, ref, value
 
-    trainer.prompt_width = width  # prompts: one fixed width for the whole run (one compile)
-    B = pcfg.batch_size
-    if len(pool) < B:
-        raise ValueError(f"{len(pool)} PPO prompts but ppo.batch_size={B}")
-    print(f"[ppo] {len(pool):,} prompts (width {width}), {pcfg.iterations} iterations of {B} rollouts, "
-          f"{pcfg.epochs} epochs x {B // pcfg.minibatch_size} minibatches")
+    trainer.prompt_width = width
+    B, per_prompt = pcfg.batch_size, pcfg.samples_per_prompt
+    if len(pool) < B // per_prompt:
+        raise ValueError(f"{len(pool)} PPO prompts but ppo.batch_size={B} needs {B // per_prompt}")
+    replies = (f" ({per_prompt} replies to each of {B // per_prompt} prompts, {pcfg.advantage.upper()})"
+               if per_prompt > 1 else "")
+    print(f"[ppo] {len(pool):,} prompts (width {width}), {pcfg.iterations} iterations of {B} rollouts"
+          f"{replies}, {pcfg.epochs} epochs x {B // pcfg.minibatch_size} minibatches")
 
     # -- best-of-n baseline from the SFT policy (once; cached for resumes) --
     score_fn = make_score_fn(reward_fn, pcfg.no_end_penalty, tok.end_id)
@@ -1237,8 +1240,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
                disable=not (cfg.progress and jax.process_index() == 0), dynamic_ncols=True)
     for it in bar:
         from minichat.data import epoch_batch_indices
-        k = pcfg.samples_per_prompt
-        idx = np.repeat(epoch_batch_indices(len(pool), it, B // k, cfg.seed), k)
+        idx = np.repeat(epoch_batch_indices(len(pool), it, B // per_prompt, cfg.seed), per_prompt)
         t0 = time.perf_counter()
         _, rows, row, _ = trainer.step(pool_q[idx], pool_m[idx], jax.random.fold_in(base_key, it),
                                        ptx_batch(it))
