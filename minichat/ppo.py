@@ -1276,7 +1276,8 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     if has_gold and main:
         plot_overoptimization(rows_all, bon, os.path.join(sdir, "overoptimization.png"))
     summary = summarise(rows_all, bon, stage, t_train)
-    summary.update(policy_stage=policy_stage, reward_stage=reward_stage, ref_stage=ref_stage)
+    summary.update(policy_stage=policy_stage, reward_stage=reward_stage, ref_stage=ref_stage,
+                   reward_source=pcfg.reward_source)
     # The held-out evaluation samples on one host's devices: a multi-host run skips it (as
     # pretraining skips its samples); evaluate the checkpoint in a single process afterwards.
     if has_gold and pcfg.evaluate and jax.process_count() == 1:
@@ -1379,7 +1380,12 @@ def report_markdown(summary: dict, stage: str, has_gold: bool) -> str:
              f"({fmt(t['time/iteration'], '.2f')}s each: generation {fmt(t['time/generation'], '.2f')}s, "
              f"scoring {fmt(t['time/scoring'], '.2f')}s, update {fmt(t['time/update'], '.2f')}s).", "",
              "| rollouts | first iteration | last 5 iterations |", "|---|---|---|"]
-    for key, name in (("gold", "gold score"), ("objective/scores", "reward-model score"),
+    gold_reward = summary.get("reward_source") == "gold"
+    if gold_reward:
+        lines[2:2] = ["The reward was the gold judge itself (`ppo.reward_source=gold`, a diagnostic), "
+                      "not the reward model: its score below is the gold score.", ""]
+    for key, name in (("gold", "gold score"),
+                      ("objective/scores", "reward (gold judge)" if gold_reward else "reward-model score"),
                       ("objective/kl", "KL to SFT (nats / reply)"), ("length", "reply length (tokens)"),
                       ("ended", "share ended")):
         if key in f and f[key] is not None:

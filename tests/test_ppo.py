@@ -324,6 +324,7 @@ def test_gold_reward_source_pays_the_gold_judge_score(tmp_path, advantage, k):
     cfg = Config(model=MC_STAGE, world=WorldConfig(n_heldout=2), ppo=pcfg, progress=False)
     summary = ppo.run(cfg, str(tmp_path), tok, make_mesh(cfg.parallel, jax.devices()[:2]))
     assert np.isfinite(summary["kl_to_sft"])  # the held-out prompts go through it too
+    assert "The reward was the gold judge itself" in summary["report_md"]
     rows = MetricsLog.read(os.path.join(tmp_path, "ppo", "metrics.jsonl"))
     assert len(rows) == 2
     for r in rows:
