@@ -15,6 +15,8 @@ from hydra.core.config_store import ConfigStore
 
 ATTENTION = ("manual", "xla", "cudnn")  # model.attention: written out | library kernels
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, the compute dtype
+ADVANTAGES = ("gae", "rloo")  # ppo.advantage: GAE with a value model | leave-one-out
+REWARD_SOURCES = ("model", "gold")  # ppo.reward_source: the reward model | the gold judge
 K_RANGE = (2, 9)  # reward.k: completions ranked per prompt (InstructGPT ranks 4 to 9)
 
 
@@ -297,8 +299,8 @@ _RULES = {
     "ppo.kl_horizon": _positive, "ppo.gamma": _share, "ppo.lam": _share,
     "ppo.clip_ratio": _positive, "ppo.clip_value": _positive, "ppo.vf_coef": _non_negative,
     "ppo.ptx_coef": _non_negative, "ppo.samples_per_prompt": _positive,
-    "ppo.advantage": (lambda v: v in ("gae", "rloo"), "must be gae or rloo"),
-    "ppo.reward_source": (lambda v: v in ("model", "gold"), "must be model or gold"),
+    "ppo.advantage": (lambda v: v in ADVANTAGES, f"must be one of {', '.join(ADVANTAGES)}"),
+    "ppo.reward_source": (lambda v: v in REWARD_SOURCES, f"must be one of {', '.join(REWARD_SOURCES)}"),
     "rounds": _non_negative,
 }
 

@@ -54,6 +54,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from minichat.config import ADVANTAGES, REWARD_SOURCES
 from minichat.model import logprobs_from_logits
 from minichat.reward import gather_at, last_token_index
 
@@ -461,8 +462,8 @@ def check_batch_sizes(batch_size: int, minibatch_size: int, micro_batch_size: in
     if batch_size % minibatch_size or minibatch_size % micro_batch_size:
         raise ValueError(f"ppo.batch_size={batch_size} must be a multiple of ppo.minibatch_size="
                          f"{minibatch_size}, itself a multiple of ppo.micro_batch_size={micro_batch_size}")
-    if advantage not in ("gae", "rloo"):
-        raise ValueError(f"ppo.advantage={advantage!r}: expected 'gae' or 'rloo'")
+    if advantage not in ADVANTAGES:
+        raise ValueError(f"ppo.advantage={advantage!r}: expected {' or '.join(map(repr, ADVANTAGES))}")
     if samples_per_prompt < 1 or batch_size % samples_per_prompt:
         raise ValueError(f"ppo.batch_size={batch_size} must be a multiple of ppo.samples_per_prompt="
                          f"{samples_per_prompt}")
@@ -700,6 +701,11 @@ def encode_prompts(tok, examples, width: int):
     longer than `width` keeps its last tokens."""
     from minichat.evaluate import prompt_batch
     return prompt_batch(tok, examples, width)
+
+
+def prompts_within(tok, examples, width: int) -> list[dict]:
+    """The examples whose rendered prompt fits in `width` tokens."""
+    return [ex for ex in examples if len(tok.render_prompt(ex["messages"])) <= width]
 
 
 def choose_prompt_width(tok, examples, pcfg, block_size: int) -> tuple[int, list[int]]:
@@ -1121,8 +1127,9 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     sdir = stage_dir(run_dir, stage)
     check_batch_sizes(pcfg.batch_size, pcfg.minibatch_size, pcfg.micro_batch_size,
                       pcfg.samples_per_prompt, pcfg.advantage)
-    if pcfg.reward_source not in ("model", "gold"):
-        raise ValueError(f"ppo.reward_source={pcfg.reward_source!r}: expected 'model' or 'gold'")
+    if pcfg.reward_source not in REWARD_SOURCES:
+        raise ValueError(f"ppo.reward_source={pcfg.reward_source!r}: expected "
+                         f"{' or '.join(map(repr, REWARD_SOURCES))}")
 
     # -- models: policy from `policy_stage`, frozen reference = SFT, value model from the RM --
     policy = restore_params(run_dir, policy_stage, GPT.init(cfg.model, cfg.seed), cfg.model)
@@ -1153,8 +1160,9 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
                              "their truth); the prompt files of ppo.files have none")
         from minichat.sft import heldout_prompts
         # the held-out prompts too: `heldout_kl` runs them through the experience pass
-        judged = pool + [p for p in heldout_prompts(cfg) if len(tok.render_prompt(p["messages"])) <= width]
-        reward_fn = gold_reward_fn(judged, encode_prompts(tok, judged, width)[0], tok)
+        heldout = prompts_within(tok, heldout_prompts(cfg), width)
+        reward_fn = gold_reward_fn(pool + heldout,
+                                   np.concatenate([pool_q, encode_prompts(tok, heldout, width)[0]]), tok)
         print("[ppo] reward: the GOLD JUDGE itself (ppo.reward_source=gold, a diagnostic: what PPO "
               "does with a perfect reward model)")
 
@@ -1359,7 +1367,7 @@ def heldout_kl(trainer: PPOTrainer, tok, prompts: list[dict], max_batches: int =
     from minichat.parallel import to_host
     B = trainer.pcfg.batch_size
     width = trainer.prompt_width
-    prompts = [p for p in prompts if len(tok.render_prompt(p["messages"])) <= width]
+    prompts = prompts_within(tok, prompts, width)
     prompts = [prompts[i] for i in np.random.default_rng(0).permutation(len(prompts))]  # all families
     kls = []
     for b in range(min(max_batches, len(prompts) // B)):
