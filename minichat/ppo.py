@@ -2,8 +2,8 @@
 (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022 eq. 2; Schulman et al. 2017
 PPO-clip; GAE Schulman et al. 2016).
 
-The objective maximised (InstructGPT eq. 2, without the ptx term, which is the plain LM loss
-added by the caller):
+The objective maximised (InstructGPT eq. 2; its ptx term, the plain LM loss on pretraining
+text, is added in `make_update_fn` when `ppo.ptx_coef` > 0):
 
     objective(phi) = E_{(x,y) ~ pi_phi} [ r_theta(x, y) - beta * log(pi_phi(y|x) / pi_SFT(y|x)) ]
 
@@ -55,6 +55,7 @@ import optax
 from flax import nnx
 
 from minichat.config import ADVANTAGES, REWARD_SOURCES
+from minichat.data import epoch_batch_indices
 from minichat.model import logprobs_from_logits
 from minichat.reward import gather_at, last_token_index
 
@@ -398,8 +399,9 @@ def gao_rl_gold(d, a, b):
 #
 # One iteration (Ziegler et al. 2019 section 2.2; Huang et al. 2023 "N implementation details",
 # "N-details #k" below):
-#   1. rollout     sample one reply per prompt from the policy with the jitted KV-cache sampler
-#                  (temperature T, no top-k / top-p: N-details #3, #4);
+#   1. rollout     sample a reply per prompt (ppo.samples_per_prompt, for RLOO) from the policy
+#                  with the jitted KV-cache sampler (temperature T, no top-k / top-p: N-details
+#                  #3, #4);
 #   2. experience  ONE jitted function: policy and reference logprobs (logits / T, the SAME T
 #                  as sampling: N-details #4), values, the reward model's score, shaped
 #                  per-token rewards, GAE, whitened advantages;
@@ -595,8 +597,10 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
 
     `lax.scan` over `epochs` (a fresh permutation of the rollouts from `key` each epoch), inside
     it a `lax.scan` over the B / minibatch_size minibatches, inside that a `lax.scan` over the
-    minibatch_size / micro_batch_size micro-batches accumulating gradients (mean of the
-    micro-batch losses). One optimizer step per minibatch for each model. The parameter and
+    minibatch_size / micro_batch_size micro-batches accumulating gradients, each weighted by
+    its share of the minibatch's reply tokens, so that the gradient is the token mean over the
+    whole minibatch whatever the micro-batch size. One optimizer step per minibatch for each
+    model. The parameter and
     optimizer buffers are donated. `stats` holds every minibatch's `ppo_losses` stats,
     shape (epochs, n_minibatches): `stats[...][0, 0]` is the first step (ratio exactly 1).
     `ptx` (PPO-ptx) is None or pretraining tokens (epochs, n_mb, n_micro, b, L + 1).
@@ -608,7 +612,7 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
     mb_size, micro = hp.minibatch_size, hp.micro_batch_size
     n_micro = mb_size // micro
 
-    def loss_fn(policy, value, batch: Rollout, ptx_tokens):
+    def loss_fn(policy, value, batch: Rollout, ptx_tokens, token_weight):
         P = batch.query.shape[1]
         tokens = jnp.concatenate([batch.query, batch.response], axis=1)
         full_mask = jnp.concatenate([batch.query_mask, batch.mask], axis=1)
@@ -621,10 +625,15 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
                                  batch.returns, batch.mask, clip_ratio=hp.clip_ratio,
                                  clip_value=hp.clip_value, vf_coef=hp.vf_coef)
         stats["entropy"] = jax.lax.stop_gradient(entropy_from_logits(logits, batch.mask))
+        # ppo_losses' means are over this micro-batch's tokens: weighting each by its share
+        # of the minibatch's tokens makes the summed gradient the minibatch's token mean (a
+        # plain average of micro-batch means would weigh a token of a short micro-batch more)
+        loss, stats = loss * token_weight, {k: s * token_weight for k, s in stats.items()}
         if ptx_tokens is not None:
             # PPO-ptx (InstructGPT eq. 2): + gamma * E_pretrain[log pi(x)], i.e. + gamma * LM loss.
             ptx_logits, _ = pol(ptx_tokens[:, :-1])
-            ptx_loss = lm_loss(ptx_logits, ptx_tokens[:, 1:], jnp.ones_like(ptx_tokens[:, 1:]))
+            ptx_loss = lm_loss(ptx_logits, ptx_tokens[:, 1:],
+                               jnp.ones_like(ptx_tokens[:, 1:])) / n_micro
             loss = loss + hp.ptx_coef * ptx_loss
             stats["ptx_loss"] = jax.lax.stop_gradient(ptx_loss)
             stats["loss"] = jax.lax.stop_gradient(loss)
@@ -642,21 +651,24 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
             if n_micro == 1:
                 take = jax.tree.map(lambda x: x[idx[0]], rollout)
                 (_, stats), (g_pol, g_val) = grad_fn(policy, value, take,
-                                                     None if ptx_mb is None else ptx_mb[0])
+                                                     None if ptx_mb is None else ptx_mb[0], 1.0)
             else:
+                n_tokens = (rollout.mask[idx] != 0).sum(axis=(1, 2))  # (n_micro,)
+                weights = n_tokens / jnp.maximum(n_tokens.sum(), 1)
+
                 def micro_step(acc, xs):
-                    midx, ptx_micro = xs
+                    midx, ptx_micro, weight = xs
                     take = jax.tree.map(lambda x: x[midx], rollout)
-                    (_, stats), grads = grad_fn(policy, value, take, ptx_micro)
+                    (_, stats), grads = grad_fn(policy, value, take, ptx_micro, weight)
                     return jax.tree.map(jnp.add, acc, (grads, stats)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, (policy, value))
                 _, stats0 = jax.eval_shape(grad_fn, policy, value,
                                            jax.tree.map(lambda x: x[idx[0]], rollout),
-                                           None if ptx_mb is None else ptx_mb[0])[0]
+                                           None if ptx_mb is None else ptx_mb[0], 1.0)[0]
                 acc0 = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0))
-                ((g_pol, g_val), stats), _ = jax.lax.scan(micro_step, acc0, (idx, ptx_mb))
-                g_pol, g_val, stats = jax.tree.map(lambda g: g / n_micro, (g_pol, g_val, stats))
+                ((g_pol, g_val), stats), _ = jax.lax.scan(micro_step, acc0,
+                                                          (idx, ptx_mb, weights))
             upd, policy_opt = policy_tx.update(g_pol, policy_opt, policy)
             policy = optax.apply_updates(policy, upd)
             if hp.advantage == "gae":  # (RLOO: no value model, its gradient is 0)
@@ -1247,12 +1259,13 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     bar = tqdm(range(start, pcfg.iterations), initial=start, total=pcfg.iterations, desc=stage,
                disable=not (cfg.progress and jax.process_index() == 0), dynamic_ncols=True)
     for it in bar:
-        from minichat.data import epoch_batch_indices
         idx = np.repeat(epoch_batch_indices(len(pool), it, B // per_prompt, cfg.seed), per_prompt)
         t0 = time.perf_counter()
         _, rows, row, _ = trainer.step(pool_q[idx], pool_m[idx], jax.random.fold_in(base_key, it),
                                        ptx_batch(it))
-        out = {"step": it + 1, "episodes": (it + 1) * B, "lr": float(trainer.schedule(it))}
+        # the schedule counts optimizer updates: the last one of this iteration
+        last_update = (it + 1) * pcfg.epochs * (B // pcfg.minibatch_size) - 1
+        out = {"step": it + 1, "episodes": (it + 1) * B, "lr": float(trainer.schedule(last_update))}
         if has_gold:
             # The gold judge sees the rollouts the RM scored (the over-optimisation plot's y).
             gold, _ = gold_scores([pool[i] for i in idx], tok, rows["response"], rows["mask"])

@@ -184,6 +184,26 @@ def test_ptx_mixes_the_pretraining_loss_into_the_update():
     assert np.isfinite(row["ppo/ptx_loss"])
 
 
+def test_micro_batches_give_the_token_mean_of_the_whole_minibatch():
+    """micro_batch_size is a memory setting: with replies of very different lengths, 4
+    micro-batches of 2 give the same losses, gradients and PPO-ptx term as one of 8."""
+    q, qm = prompts(6)
+    gen = crafted_generation([1, 8, 2, 8, 1, 1, 8, 7] * 2, [True, False] * 8, seed=6)
+    ptx = jax.random.randint(jax.random.key(1), (2, 2, 1, 4, 9), 2, 64)
+    outs = []
+    for micro in (8, 2):
+        pcfg = PPOConfig(**{**PCFG.__dict__, "micro_batch_size": micro, "ptx_coef": 0.5})
+        tr = make_trainer("rm", pcfg, seed=6)
+        rollout, _, _ = tr.score(jnp.asarray(q), jnp.asarray(qm), gen)
+        *_, stats = tr.update(tr.policy, tr.value, tr.policy_opt, tr.value_opt, rollout,
+                              jax.random.key(2), ptx.reshape(2, 2, 8 // micro, micro // 2, 9))
+        outs.append(stats)
+    for name in ("loss", "pg_loss", "vf_loss", "ptx_loss", "entropy", "approx_kl",
+                 "policy_grad_norm", "value_grad_norm"):
+        np.testing.assert_allclose(outs[1][name], outs[0][name], rtol=2e-4, atol=1e-6,
+                                   err_msg=name)
+
+
 def test_batch_sizes_are_checked():
     with pytest.raises(ValueError, match="minibatch_size"):
         ppo.check_batch_sizes(64, 24, 8)
@@ -202,8 +222,11 @@ def test_batch_sizes_are_checked():
 
 def test_short_ppo_run_raises_a_toy_reward():
     """Reward 1 for a reply containing token X (about 1 reply in 8 at the start): twenty PPO
-    iterations on the real sampler, experience pass and update make it the usual reply."""
-    pcfg = PPOConfig(**{**PCFG.__dict__, "kl_coef": 0.01, "epochs": 4, "no_end_penalty": 0.0,
+    iterations on the real sampler, experience pass and update make it the usual reply.
+    Few replies end within 8 tokens, so the no-end cap is set to 1, where min(score, 1) leaves
+    every 0/1 score as it is (a cap of 0 would pay only the ~1 in 60 replies that contain X
+    and end, and whether PPO found them in 20 iterations was down to the seed)."""
+    pcfg = PPOConfig(**{**PCFG.__dict__, "kl_coef": 0.01, "epochs": 4, "no_end_penalty": 1.0,
                         "temperature": 1.0,
                         "optim": PCFG.optim.__class__(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
                                                       weight_decay=0.0)})
@@ -214,7 +237,7 @@ def test_short_ppo_run_raises_a_toy_reward():
         _, _, row, _ = tr.step(q, qm, jax.random.key(100 + it))
         scores.append(row["objective/scores"])
     first, last = np.mean(scores[:3]), np.mean(scores[-3:])
-    assert last > first + 0.4, np.round(scores, 2)
+    assert last > first + 0.5, np.round(scores, 2)
 
 
 # ---------------------------------------------------------------- the stage: files and resume
