@@ -146,7 +146,8 @@ class LabelerConfig:
     """Simulated labelers: gold score + Gumbel noise (Bradley-Terry) + optional length bias."""
 
     noise: float = 0.1  # temperature of the Gumbel noise; 0 = a perfect labeler
-    length_bias: float = 0.0  # utility bonus per reply word (the seeds' verbosity preference)
+    # utility bonus length_bias * log(1 + words): the seeds' trainers' taste for longer replies
+    length_bias: float = 0.0
 
 
 @dataclass
@@ -213,6 +214,9 @@ class PPOConfig:
     lam: float = 0.95
     clip_ratio: float = 0.2
     clip_value: float = 0.2
+    # The value model has its own trunk and its own AdamW, which is blind to a gradient's
+    # scale: vf_coef only moves the value gradient's clipping threshold (to 1 / vf_coef).
+    # It is kept for the shared-loss form of the papers; set the value model's pace with ppo.optim.
     vf_coef: float = 0.1
     whiten_rewards: bool = False
     # model: the reward model of `reward` (the recipe); gold: ChatWorld's judge itself, a
@@ -226,7 +230,9 @@ class PPOConfig:
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     best_of_n_prompts: int = 64  # prompts sampled max(best_of_n) times for the baseline
     n_prompts: int = 4096  # ChatWorld train-split prompts in the rollout pool
-    prompt_width: int = 0  # left-padded prompt width; 0 = longest prompt (multiple of 16)
+    # left-padded prompt width; 0 = the smallest multiple of 16 that holds 95% of the prompts
+    # (longer ones are left out of the pool, not truncated)
+    prompt_width: int = 0
     ptx_batch_size: int = 8  # pretraining sequences per micro-batch when ptx_coef > 0
     ptx_seq_len: int = 64
     evaluate: bool = True  # held-out gold evaluation of SFT vs PPO at the end (ChatWorld)
