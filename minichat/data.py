@@ -16,6 +16,7 @@ an uninterrupted one would have seen.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,13 +33,17 @@ class DataError(ValueError):
 # ---- reading and validating ----------------------------------------------------------
 def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     """Yield (`file:line` location, object) for each non-blank line."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -82,7 +87,19 @@ def load_texts(paths: Sequence[str]) -> list[str]:
 
 def _load(paths: Sequence[str], parse) -> list[dict]:
     """Every line of every file through `parse(obj, where)`, which raises `DataError`."""
-    return [parse(obj, where) for path in paths for where, obj in read_jsonl(path)]
+    rows = []
+    for path in paths:
+        n = len(rows)
+        rows += [parse(obj, where) for where, obj in read_jsonl(path)]
+        if len(rows) == n:
+            raise DataError(f"{path}: no data (the file is empty or blank)")
+    return rows
+
+
+def _check_family(obj: dict, where: str) -> dict:
+    if "family" in obj and not isinstance(obj["family"], str):
+        raise DataError(f"{where}: field 'family' must be a string, got {obj['family']!r}")
+    return {"family": obj["family"]} if "family" in obj else {}
 
 
 def parse_conversation(obj: dict, where: str) -> dict:
@@ -102,6 +119,9 @@ def parse_comparison(obj: dict, where: str) -> dict:
     """K-way rankings or TRL-style pairs, both returned in the K-way form. The optional
     per-completion lists `gold` (numbers) and `ended` (booleans) are checked too."""
     if "chosen" in obj or "rejected" in obj:
+        if "completions" in obj or "ranking" in obj:
+            raise DataError(f"{where}: a line is either pairwise (chosen/rejected) or K-way "
+                            f"(completions/ranking), not both")
         prompt = obj.get("messages", obj.get("prompt"))
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
@@ -110,14 +130,17 @@ def parse_comparison(obj: dict, where: str) -> dict:
             if not isinstance(obj.get(key), str):
                 raise DataError(f"{where}: field '{key}' must be a string")
         row = {"messages": msgs, "completions": [obj["chosen"], obj["rejected"]], "ranking": [0, 1]}
-        return {**row, **({"family": obj["family"]} if "family" in obj else {})}
+        return {**row, **_check_family(obj, where)}
     msgs = check_messages(obj.get("messages"), where, last_role="user")
     comps, ranking = obj.get("completions"), obj.get("ranking")
     if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
         raise DataError(f"{where}: field 'completions' must be a list of >= 2 strings")
-    if not isinstance(ranking, list) or sorted(ranking) != list(range(len(comps))):
+    if (not isinstance(ranking, list) or not all(type(r) is int for r in ranking)
+            or sorted(ranking) != list(range(len(comps)))):
         raise DataError(f"{where}: field 'ranking' must be a permutation of 0..{len(comps) - 1} (best first)")
-    for key, what, ok in (("gold", "numbers", lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)),
+    _check_family(obj, where)
+    for key, what, ok in (("gold", "finite numbers",
+                           lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)),
                           ("ended", "booleans", lambda x: isinstance(x, bool))):
         v = obj.get(key)
         if key in obj and not (isinstance(v, list) and len(v) == len(comps) and all(map(ok, v))):

@@ -382,11 +382,17 @@ def comparison_data(cfg, run_dir: str, stage: str) -> tuple[list[dict], list[dic
         rows = load_comparisons(list(rcfg.files))
         if rcfg.heldout_files:
             return rows, load_comparisons(list(rcfg.heldout_files))
-        order = np.random.default_rng(cfg.seed).permutation(len(rows))
-        n_val = max(1, int(round(len(rows) * rcfg.heldout_frac)))
-        if len(rows) - n_val < 1:
-            raise DataError(f"{rcfg.files}: {len(rows)} comparisons are too few to hold {n_val} out")
-        return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+        # held out by prompt, not by line: a prompt the reward model trained on (say, another
+        # of its TRL pairs) would make the held-out accuracy a training accuracy
+        prompts = sorted({prompt_key(r) for r in rows})
+        n_val = max(1, int(round(len(prompts) * rcfg.heldout_frac)))
+        if len(prompts) - n_val < 1:
+            raise DataError(f"{rcfg.files}: {len(prompts)} distinct prompts are too few to hold "
+                            f"{n_val} out")
+        order = np.random.default_rng(cfg.seed).permutation(len(prompts))
+        held = {prompts[i] for i in order[:n_val]}
+        return ([r for r in rows if prompt_key(r) not in held],
+                [r for r in rows if prompt_key(r) in held])
     train_path, heldout_path = comparison_paths(run_dir, stage)
     return load_comparisons([train_path]), load_comparisons([heldout_path])
 

@@ -55,6 +55,37 @@ def test_comparisons_kway_and_pairwise(tmp_path):
         load_comparisons([bad])
 
 
+K3 = {"messages": [USER], "completions": ["a", "b", "c"]}
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({**K3, "ranking": [0, "1", 2]}, "'ranking' must be a permutation"),
+    ({**K3, "ranking": [None, 0, 1]}, "'ranking' must be a permutation"),
+    ({**K3, "ranking": [True, False, 2]}, "'ranking' must be a permutation"),
+    ({**K3, "ranking": [0.0, 1.0, 2.0]}, "'ranking' must be a permutation"),
+    ({**K3, "ranking": [0, 1, 2], "gold": [1.0, float("nan"), 0.0]}, "'gold' must be a list of 3 finite"),
+    ({**K3, "ranking": [0, 1, 2], "family": ["fact"]}, "'family' must be a string"),
+    ({"prompt": "hi", "chosen": "a", "rejected": "b", "family": None}, "'family' must be a string"),
+    ({**K3, "ranking": [0, 1, 2], "chosen": "a", "rejected": "b"}, "either pairwise .* or K-way"),
+])
+def test_comparison_bad_line_names_file_line_and_reason(tmp_path, bad, reason):
+    path = write(tmp_path, "c.jsonl", [{**K3, "ranking": [2, 0, 1]}, bad])
+    with pytest.raises(DataError, match=rf"c.jsonl:2: .*{reason}"):
+        load_comparisons([path])
+
+
+def test_unreadable_files_fail_with_their_name(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(json.dumps({"messages": [USER, BOT]}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9 at column 14\)"):
+        load_conversations([str(p)])
+    with pytest.raises(DataError, match="a directory, not a file"):
+        load_prompts([str(tmp_path)])
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="empty.jsonl: no data"):
+        load_comparisons([str(tmp_path / "empty.jsonl")])
+
+
 def test_texts_from_txt_and_jsonl(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("first doc\nstill first\n\nsecond doc\n")

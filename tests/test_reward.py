@@ -24,6 +24,7 @@ from minichat.reward import (
     Scorer,
     batch_loss,
     batch_rewards,
+    comparison_data,
     comparison_prompts,
     encode_comparisons,
     epoch_batches,
@@ -423,6 +424,22 @@ def test_reward_stage_resumed_from_a_checkpoint_ends_as_if_never_stopped(tmp_pat
     assert untimed(json.loads(x) for x in open(sdir / "metrics.jsonl")) == untimed(rows)
     assert second["bias"] == first["bias"] and second["accuracy"] == first["accuracy"]
     assert all(np.array_equal(a, b) for a, b in zip(params(), done, strict=True))
+
+
+def test_user_comparisons_are_held_out_by_prompt_not_by_line(tmp_path):
+    """TRL-style files list several pairs per prompt: a prompt goes to one side of the split."""
+    rows = [{"prompt": f"question {i}", "chosen": f"good {j}", "rejected": f"bad {j}"}
+            for i in range(20) for j in range(i % 4 + 1)]
+    write_jsonl(str(tmp_path / "pairs.jsonl"), rows)
+    cfg = Config()
+    cfg.reward.files, cfg.reward.heldout_frac = [str(tmp_path / "pairs.jsonl")], 0.25
+    train, held = comparison_data(cfg, str(tmp_path), "reward")
+    assert len(train) + len(held) == len(rows)
+    train_keys, held_keys = {prompt_key(r) for r in train}, {prompt_key(r) for r in held}
+    assert len(held_keys) == 5 and len(train_keys) == 15 and not train_keys & held_keys
+    cfg.reward.heldout_frac = 0.99
+    with pytest.raises(DataError, match="20 distinct prompts are too few to hold 20 out"):
+        comparison_data(cfg, str(tmp_path), "reward")
 
 
 def test_held_out_comparison_prompts_are_fresh_and_keep_the_family_shares():
