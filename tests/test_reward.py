@@ -318,7 +318,7 @@ GOOD = {"messages": [{"role": "user", "content": "Hi?"}], "completions": ["a", "
     ("{not json", "invalid JSON"),
     (json.dumps(dict(GOOD, ranking=[0, 0, 1])), "'ranking' must be a permutation"),
     (json.dumps(dict(GOOD, completions=["a"], ranking=[0])), "'completions' must be a list of >= 2"),
-    (json.dumps(dict(GOOD, gold=[1.0, 0.5])), "'gold' must be a list of 3 numbers"),
+    (json.dumps(dict(GOOD, gold=[1.0, 0.5])), "'gold' must be a list of 3 finite numbers"),
     (json.dumps(dict(GOOD, ended=[True, 1, False])), "'ended' must be a list of 3 booleans"),
     (json.dumps(dict(GOOD, messages=[{"role": "assistant", "content": "x"}])), "must be a user turn"),
     (json.dumps({"prompt": "Hi?", "chosen": "a"}), "'rejected' must be a string"),
@@ -360,11 +360,11 @@ def tiny_run(tmp_path, tok, **reward):
 
 
 def synthetic_preference_file(path, n):
-    """Labelers who like replies saying `good` and dislike `bad`: a rule the RM can learn."""
+    """Labelers who like replies saying `good` and dislike `bad`: a rule the RM can learn.
+    One row per prompt, so that held-out prompts (split by prompt) are new to the RM."""
     rng = np.random.default_rng(1)
     rows = []
-    for i in range(n):
-        p = PROMPTS[i % len(PROMPTS)]
+    for p in (to_prompt(d) for d in generate_dialogues(WORLD, n, "train", seed=4)):
         words = rng.permutation(["good", "bad", "fine"])
         comps = [f"{p['ideal']} {w}." for w in words]
         gold = [{"good": 1.0, "fine": 0.0, "bad": -1.0}[w] for w in words]
@@ -382,7 +382,7 @@ def test_reward_stage_learns_a_synthetic_preference(tmp_path, tok):
     summary = run(cfg, str(tmp_path), tok, one_device_mesh())
     assert summary["accuracy"] >= 0.9, summary["report_md"]
     assert summary["ceiling"] == pytest.approx(1.0, abs=1e-3)
-    assert summary["spearman"] > 0.8
+    assert summary["spearman"] > 0.7  # pooled over prompts: each new prompt shifts its rewards
     assert abs(summary["demo_mean_after_bias"]) < 1e-4
     assert set(summary["families"]) <= set(FAMILIES)
     done = read_done(str(tmp_path), "reward")
