@@ -281,6 +281,8 @@ class Config:
 _positive = (lambda v: v > 0, "must be > 0")
 _non_negative = (lambda v: v >= 0, "must be >= 0")
 _share = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+# Orbax reads 0 as "keep none": the stage would end with no checkpoint for the next to load
+_keep = (lambda v: v >= 1, "must be >= 1 (the newest checkpoint is what the next stage loads)")
 _RULES = {
     "model.vocab_size": _positive, "model.block_size": _positive, "model.n_layer": _positive,
     "model.n_head": _positive, "model.n_embd": _positive,
@@ -299,7 +301,8 @@ _RULES = {
     "reward.batch_size": _positive, "reward.sample_temperature": _non_negative,
     "reward.heldout_split": (lambda v: v in ("train", "heldout"), "must be train or heldout"),
     "reward.labeler.noise": _non_negative,
-    "ppo.iterations": _positive, "ppo.epochs": _positive,
+    "ppo.iterations": _positive, "ppo.epochs": _positive, "ppo.batch_size": _positive,
+    "ppo.minibatch_size": _positive, "ppo.micro_batch_size": _positive,
     "ppo.temperature": (lambda v: v > 0, "must be > 0 (PPO needs sampled rollouts and their logprobs)"),
     "ppo.max_new_tokens": _positive, "ppo.kl_coef": _non_negative, "ppo.kl_target": _positive,
     "ppo.kl_horizon": _positive, "ppo.gamma": _share, "ppo.lam": _share,
@@ -308,7 +311,26 @@ _RULES = {
     "ppo.advantage": (lambda v: v in ADVANTAGES, f"must be one of {', '.join(ADVANTAGES)}"),
     "ppo.reward_source": (lambda v: v in REWARD_SOURCES, f"must be one of {', '.join(REWARD_SOURCES)}"),
     "rounds": _non_negative,
+    **{f"{stage}.keep": _keep for stage in ("pretrain", "pretrain.copy", "sft", "reward", "ppo")},
 }
+
+
+def check_batch_sizes(batch_size: int, minibatch_size: int, micro_batch_size: int,
+                      samples_per_prompt: int = 1, advantage: str = "gae") -> None:
+    """Batch (rollouts per iteration) / minibatch (rollouts per optimizer step) / micro-batch
+    (rollouts per forward-backward) are three different things (N-details #14); the batch
+    holds `samples_per_prompt` replies to each of its prompts."""
+    if batch_size % minibatch_size or minibatch_size % micro_batch_size:
+        raise ValueError(f"ppo.batch_size={batch_size} must be a multiple of ppo.minibatch_size="
+                         f"{minibatch_size}, itself a multiple of ppo.micro_batch_size={micro_batch_size}")
+    if advantage not in ADVANTAGES:
+        raise ValueError(f"ppo.advantage={advantage!r}: expected {' or '.join(map(repr, ADVANTAGES))}")
+    if samples_per_prompt < 1 or batch_size % samples_per_prompt:
+        raise ValueError(f"ppo.batch_size={batch_size} must be a multiple of ppo.samples_per_prompt="
+                         f"{samples_per_prompt}")
+    if advantage == "rloo" and samples_per_prompt < 2:
+        raise ValueError("ppo.advantage=rloo compares the replies to one prompt: it needs "
+                         f"ppo.samples_per_prompt >= 2 (got {samples_per_prompt})")
 
 
 def check(cfg) -> None:
@@ -319,6 +341,16 @@ def check(cfg) -> None:
             value = getattr(value, part)
         if not ok(value):
             raise ValueError(f"{key}={value!r} {reason}")
+    # rules between two settings, which would otherwise fail only when their stage starts
+    if cfg.model.n_embd % cfg.model.n_head:
+        raise ValueError(f"model.n_embd={cfg.model.n_embd} must be a multiple of model.n_head="
+                         f"{cfg.model.n_head} (each head gets n_embd / n_head dimensions)")
+    if cfg.pretrain.seq_len > cfg.model.block_size:
+        raise ValueError(f"pretrain.seq_len={cfg.pretrain.seq_len} must be <= model.block_size="
+                         f"{cfg.model.block_size} (the learned positions end there)")
+    p = cfg.ppo
+    check_batch_sizes(p.batch_size, p.minibatch_size, p.micro_batch_size, p.samples_per_prompt,
+                      p.advantage)
     copy, width = cfg.pretrain.copy, (cfg.pretrain.seq_len or cfg.model.block_size) + 1
     if (copy.steps or copy.rows) and not copy.span_min <= copy.span_max <= width // 2:
         raise ValueError(f"pretrain.copy.span_max={copy.span_max} must be in [span_min={copy.span_min}, "

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from minichat.config import ADVANTAGES, REWARD_SOURCES
+from minichat.config import REWARD_SOURCES, check_batch_sizes
 from minichat.data import epoch_batch_indices
 from minichat.model import logprobs_from_logits
 from minichat.reward import gather_at, last_token_index
@@ -454,24 +454,6 @@ class PPOHyper:
         values = {f.name: cast[str(f.type)](getattr(pcfg, f.name))
                   for f in dataclasses.fields(cls) if f.name != "end_id"}
         return cls(**values, end_id=int(end_id))
-
-
-def check_batch_sizes(batch_size: int, minibatch_size: int, micro_batch_size: int,
-                      samples_per_prompt: int = 1, advantage: str = "gae") -> None:
-    """Batch (rollouts per iteration) / minibatch (rollouts per optimizer step) / micro-batch
-    (rollouts per forward-backward) are three different things (N-details #14); the batch
-    holds `samples_per_prompt` replies to each of its prompts."""
-    if batch_size % minibatch_size or minibatch_size % micro_batch_size:
-        raise ValueError(f"ppo.batch_size={batch_size} must be a multiple of ppo.minibatch_size="
-                         f"{minibatch_size}, itself a multiple of ppo.micro_batch_size={micro_batch_size}")
-    if advantage not in ADVANTAGES:
-        raise ValueError(f"ppo.advantage={advantage!r}: expected {' or '.join(map(repr, ADVANTAGES))}")
-    if samples_per_prompt < 1 or batch_size % samples_per_prompt:
-        raise ValueError(f"ppo.batch_size={batch_size} must be a multiple of ppo.samples_per_prompt="
-                         f"{samples_per_prompt}")
-    if advantage == "rloo" and samples_per_prompt < 2:
-        raise ValueError("ppo.advantage=rloo compares the replies to one prompt: it needs "
-                         f"ppo.samples_per_prompt >= 2 (got {samples_per_prompt})")
 
 
 def reply_logits(model, tokens, mask, prompt_len: int, temperature: float):

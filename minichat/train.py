@@ -12,6 +12,7 @@ exists, so re-running the same command after an interruption resumes where it st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -200,7 +201,7 @@ def check_overrides(argv: list[str]) -> None:
         return  # Hydra flags (--cfg, --multirun, ...): let Hydra handle the command line
     try:
         with initialize_config_module("minichat.configs", version_base="1.3"):
-            OmegaConf.to_object(compose("config", overrides=overrides))
+            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
     except (HydraException, OmegaConfBaseException) as e:
         first = lambda x: next((ln.strip() for ln in str(x).splitlines() if ln.strip()), "")
         msg = first(e).replace("Error merging override ", "").rstrip(".:")
@@ -208,6 +209,24 @@ def check_overrides(argv: list[str]) -> None:
             msg += f": {first(e.__cause__)}"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+    # `+model.n_layr=8` adds a key instead of failing, and the run would quietly use n_layer's
+    # default: a key that no config dataclass declares is a typo
+    stray = next(_undeclared(cfg), None)
+    if stray is not None:
+        print(f"error: {stray}: no such config key (a leading + adds a key; minichat's configs "
+              f"declare every key they read)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _undeclared(obj, prefix: str = ""):
+    """Dotted names of attributes of config dataclasses that are not their fields."""
+    if dataclasses.is_dataclass(obj):
+        fields = {f.name for f in dataclasses.fields(obj)}
+        for name, value in vars(obj).items():
+            if name in fields:
+                yield from _undeclared(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
 
 
 def main() -> None:

@@ -327,12 +327,25 @@ def test_copy_rows_replace_the_last_rows_of_each_batch():
     ("model.nlayer=2", "Key 'nlayer' not in 'ModelConfig'"),
     ("stage=fly", "stage='fly' is not one of"),
     ("ppo.temperature=-1", "ppo.temperature=-1.0 must be > 0"),
+    ("+model.n_layr=8", "model.n_layr: no such config key"),  # + adds a key: still a typo
+    ("pretrain.keep=0", "pretrain.keep=0 must be >= 1"),  # Orbax would keep no checkpoint
 ])
 def test_bad_config_fails_with_one_clear_line(tmp_path, override, message):
     proc = cli([override, "progress=false"], tmp_path, check=False)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_a_missing_earlier_stage_names_the_command_for_this_run(tmp_path):
+    from minichat.checkpoint import CheckpointError, restore_params
+    from minichat.tokenizer import ChatTokenizer
+
+    run = tmp_path / "myrun"
+    with pytest.raises(FileNotFoundError, match=rf"`python -m minichat.train run_dir={run} stage=tokenizer`"):
+        ChatTokenizer.load(str(run / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=rf"`python -m minichat.train run_dir={run} stage=pretrain`"):
+        restore_params(str(run), "pretrain", None, None)
 
 
 def _set(cfg, key: str, value):
@@ -363,6 +376,10 @@ def test_config_check_names_every_value_out_of_range():
     ({"pretrain.copy.rows": 16}, r"^pretrain\.copy\.rows=16 must be < pretrain\.batch_size=16"),
     ({"pretrain.copy.optim.lr": 0.0}, r"^pretrain\.copy\.optim\.lr=0\.0 must be > 0"),
     ({"reward.optim.min_lr_ratio": 2.0}, r"^reward\.optim\.min_lr_ratio=2\.0 must be in \[0, 1\]"),
+    ({"model.n_head": 3}, r"^model\.n_embd=128 must be a multiple of model\.n_head=3"),
+    ({"pretrain.seq_len": 512}, r"^pretrain\.seq_len=512 must be <= model\.block_size=256"),
+    ({"ppo.batch_size": 60}, r"^ppo\.batch_size=60 must be a multiple of ppo\.minibatch_size=16"),
+    ({"ppo.advantage": "rloo"}, r"needs ppo\.samples_per_prompt >= 2"),
 ])
 def test_config_check_names_values_out_of_range_of_one_another_and_optimizer_settings(values, message):
     from minichat.config import Config, check
