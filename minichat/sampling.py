@@ -101,6 +101,22 @@ def _top_p_threshold(probs, top_p):
     return lo  # bits of the threshold
 
 
+def inverse_cdf(weights, u):
+    """The token whose slice of the cumulative weights holds u * total, per row: weights
+    (B, V) >= 0, u (B, 1) uniform in [0, 1). One cumsum instead of `jax.random.categorical`'s
+    V Gumbel draws and a log per row.
+
+    The first token with weight > 0 whose cumulative weight exceeds u * total. Asking for
+    weight > 0 matters: XLA sums in tree order, so the float32 cumsum can dip by a rounding
+    step, and counting the entries <= u would then land on a token that top-k / top-p
+    filtered out (about once in 10^6 draws at V = 8192).
+    """
+    cdf = jnp.cumsum(weights, axis=-1)
+    hit = (cdf > u * cdf[:, -1:]) & (weights > 0)
+    return jnp.where(hit.any(axis=-1), jnp.argmax(hit, axis=-1),
+                     jnp.argmax(weights, axis=-1)).astype(jnp.int32)
+
+
 def sample_logits(logits, key, *, temperature=1.0, top_k=0, top_p=1.0):
     """Draw one token per row. logits (B, V) -> (tokens (B,) int32, logprobs (B,) float32).
 
@@ -123,10 +139,7 @@ def sample_logits(logits, key, *, temperature=1.0, top_k=0, top_p=1.0):
         threshold_bits = _top_p_threshold(probs, top_p)
         keep = jax.lax.bitcast_convert_type(probs, jnp.int32) >= threshold_bits[:, None]
         weights = jnp.where(keep, weights, 0.0)
-    # Inverse CDF: the token is the number of cumulative weights <= u * total.
-    cdf = jnp.cumsum(weights, axis=-1)
-    u = jax.random.uniform(key, (logits.shape[0], 1)) * cdf[:, -1:]
-    tokens = jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+    tokens = inverse_cdf(weights, jax.random.uniform(key, (logits.shape[0], 1)))
     picked = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0]
     return tokens, picked - logz
 

@@ -13,6 +13,7 @@ from minichat.sampling import (
     TRACE_COUNTS,
     decode_step,
     generate,
+    inverse_cdf,
     prefill,
     sample_logits,
     sample_token,
@@ -192,3 +193,37 @@ def test_streaming_api_matches_generate(gpt, prompts):
         traces.append(TRACE_COUNTS["decode_step"])
     np.testing.assert_array_equal(np.stack(tokens, 1), gen.tokens)
     assert len(set(traces)) == 1  # the per-token step compiled at most once, never retraced
+
+
+def test_inverse_cdf_never_draws_a_filtered_token():
+    """Rows as top-k / top-p leave them (99% of 8,192 weights 0), and u at the places where
+    XLA's tree-order float32 cumsum dips by a rounding step: counting the cumulative weights
+    <= u * total (the textbook inverse CDF) lands on a zero-weight token there; the sampler's
+    rule never does, and elsewhere it is the textbook token."""
+    rng = np.random.default_rng(2)
+    R, V = 64, 8192
+    w = np.exp(rng.normal(size=(R, V)) * 3).astype(np.float32)
+    w[rng.random((R, V)) < 0.99] = 0
+    cdf = np.asarray(jax.jit(lambda w: jnp.cumsum(w, -1))(w))
+    rows, us = [], []
+    for b in range(R):
+        for i in np.flatnonzero(np.diff(cdf[b]) < 0):  # a dip between i and i + 1
+            for c in (cdf[b, i], cdf[b, i + 1]):
+                for v in (np.nextafter(c, 0, dtype=np.float32), c, np.nextafter(c, np.inf, dtype=np.float32)):
+                    if v < cdf[b, -1]:
+                        rows.append(b)
+                        us.append(np.float32(v / cdf[b, -1]))
+    rows, us = np.array(rows), np.array(us, np.float32)
+    textbook = np.minimum((cdf[rows] <= (us * cdf[rows, -1])[:, None]).sum(-1), V - 1)
+    assert (w[rows, textbook] == 0).sum() > 0  # the hazard is real on these rows
+    drawn = np.asarray(jax.jit(inverse_cdf)(jnp.asarray(w[rows]), jnp.asarray(us[:, None])))
+    assert np.all(w[rows, drawn] > 0)
+    # elsewhere it is the textbook token: small rows whose cumsum rises monotonically
+    w = np.exp(rng.normal(size=(8, 64)) * 2).astype(np.float32)
+    w[:, ::3] = 0
+    cdf = np.asarray(jax.jit(lambda w: jnp.cumsum(w, -1))(w))
+    assert (np.diff(cdf, axis=1) >= 0).all()
+    u = np.linspace(0, 1, 513, dtype=np.float32)[:-1]
+    b, uu = np.repeat(np.arange(8), len(u)), np.tile(u, 8)
+    want = np.minimum((cdf[b] <= (uu * cdf[b, -1])[:, None]).sum(-1), 63)
+    np.testing.assert_array_equal(jax.jit(inverse_cdf)(jnp.asarray(w[b]), jnp.asarray(uu[:, None])), want)
