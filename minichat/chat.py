@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -112,7 +113,8 @@ def policy_stages(run_dir: str) -> list[str]:
     return sorted(found, key=stage_rank)
 
 
-def _train_command(run_dir: str, stage: str | None = None) -> str:
+def train_command(run_dir: str, stage: str | None = None) -> str:
+    """The command that trains `stage` (default: the whole pipeline) into `run_dir`."""
     parts = ["python -m minichat.train"]
     norm = os.path.normpath(run_dir)
     if norm != os.path.join("runs", DEFAULT_RUN):
@@ -163,12 +165,12 @@ def locate(run_dir: str, stage: str | None = None, checkpoint: str | None = None
             available = policy_stages(run_dir)
             hint = f" (stages with a model: {', '.join(available)})" if available else ""
             raise NoModelError(f"no {stage} checkpoint in {directory}{hint}: run "
-                               f"`{_train_command(run_dir, stage)}` first")
+                               f"`{train_command(run_dir, stage)}` first")
         return Located(directory, steps[-1], stage, os.path.join(run_dir, stage), run_dir)
     stages = policy_stages(run_dir)
     if not stages:
-        raise NoModelError(f"no trained model in {run_dir} yet: run `{_train_command(run_dir)}` "
-                           f"first (or `{_train_command(run_dir, 'sft')}`)")
+        raise NoModelError(f"no trained model in {run_dir} yet: run `{train_command(run_dir)}` "
+                           f"first (there is a model to chat with once its SFT stage is done)")
     best = stages[-1]
     directory = os.path.join(run_dir, best, "checkpoints")
     return Located(directory, checkpoint_steps(directory)[-1], best, os.path.join(run_dir, best),
@@ -185,7 +187,7 @@ def find_tokenizer(loc: Located) -> str:
     configured = (cfg.get("tokenizer") or {}).get("path") if cfg else None
     if configured and os.path.exists(configured):
         return configured
-    raise NoModelError(f"no tokenizer at {path}: run `{_train_command(loc.run_dir, 'tokenizer')}` "
+    raise NoModelError(f"no tokenizer at {path}: run `{train_command(loc.run_dir, 'tokenizer')}` "
                        f"first, or pass tokenizer=PATH")
 
 
@@ -495,6 +497,8 @@ def _convert(key: str, value: str):
         out = kind(value)
     except ValueError:
         raise UsageError(f"{key}={value}: expected {'a number' if kind is float else 'an integer'}") from None
+    if kind is float and not math.isfinite(out):  # nan would pass every range check below
+        raise UsageError(f"{key}={value}: must be a finite number")
     if key == "temperature" and out < 0:
         raise UsageError(f"temperature={value}: must be >= 0")
     if key == "top_p" and not 0 < out <= 1:

@@ -203,8 +203,9 @@ def restore_params(run_dir: str, stage: str, model, model_cfg, *, with_meta: boo
 
     directory = os.path.join(run_dir, stage, "checkpoints")
     if not os.path.isdir(directory) or not os.listdir(directory):
+        from minichat.chat import train_command  # an error path: the import costs nothing else
         raise CheckpointError(f"no {stage} checkpoint in {directory}; run "
-                              f"`python -m minichat.train stage={stage}` first")
+                              f"`{train_command(run_dir, stage)}` first")
     ckpt = Checkpointer(directory, async_save=False)
     try:
         _, params, *_ = nnx.split(model, nnx.Param, ...)

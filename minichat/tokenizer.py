@@ -98,7 +98,9 @@ class ChatTokenizer:
     @classmethod
     def load(cls, path: str) -> "ChatTokenizer":
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer at {path}; run `python -m minichat.train stage=tokenizer` first")
+            from minichat.chat import train_command  # an error path: the import costs nothing else
+            raise FileNotFoundError(f"no tokenizer at {path}; run "
+                                    f"`{train_command(os.path.dirname(path) or '.', 'tokenizer')}` first")
         return cls(Tokenizer.from_file(path))
 
 

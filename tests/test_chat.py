@@ -160,6 +160,9 @@ def test_missing_default_run_and_bad_arguments(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "unknown setting 'temprature'" in err
     rc, out, err = _main(capsys, "top_p=2")
     assert rc == 2 and "top_p" in err
+    for bad in ("temperature=nan", "temperature=inf", "top_p=nan"):
+        rc, out, err = _main(capsys, bad)
+        assert rc == 2 and f"{bad}: must be a finite number" in err
 
 
 # --------------------------------------------------------------------------- generation
