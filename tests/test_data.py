@@ -125,7 +125,7 @@ def test_first_fit_places_sequences_without_overlap_in_the_first_row_with_room(l
     width = 16
     where, rows = first_fit(lengths, width, window)
     grid = np.zeros((max(rows, 1), width), int)
-    free, opened = [], []
+    free = []
     for i, ((r, c), n) in enumerate(zip(where, lengths)):
         if n == 0:
             continue

@@ -3,7 +3,6 @@ experience pass and update, on a tiny model. The pure losses have their golden t
 test_ppo_losses.py; here the point is that the pipeline around them keeps the conventions.
 """
 
-import json
 import os
 import shutil
 
