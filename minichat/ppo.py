@@ -57,7 +57,8 @@ from flax import nnx
 from minichat.config import REWARD_SOURCES, check_batch_sizes
 from minichat.data import epoch_batch_indices
 from minichat.model import logprobs_from_logits
-from minichat.reward import gather_at, last_token_index
+from minichat.reward import last_token_index, load_reward_model
+from minichat.reward import score as reward_score
 
 __all__ = [
     "masked_mean",
@@ -326,17 +327,17 @@ def ppo_losses(
     return loss, stats
 
 
-def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked mean over tokens of the policy entropy H = logsumexp(l) - sum_v softmax(l)_v l_v.
+def token_entropy(logits: jax.Array) -> jax.Array:
+    """Entropy of softmax(logits) at each position, H = -sum_v p_v log p_v, (...,)."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
-    ``logits`` (B, T, V) are the (temperature-scaled) logits predicting each reply token.
-    """
+
+def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean over tokens of the policy entropy. ``logits`` (B, T, V) are the
+    (temperature-scaled) logits predicting each reply token."""
     m = _bool(mask)
-    logits = jnp.where(m[..., None], jnp.asarray(logits), 0)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    p = jax.nn.softmax(logits, axis=-1)
-    ent = lse - jnp.sum(p * logits, axis=-1)
-    return masked_mean(ent, m)
+    return masked_mean(token_entropy(jnp.where(m[..., None], jnp.asarray(logits), 0)), m)
 
 
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
@@ -472,11 +473,6 @@ def reply_values(value_model, tokens, mask, prompt_len: int):
     return value_model(tokens, mask, deterministic=True)[:, prompt_len - 1:-1]
 
 
-def rm_score(reward_model, tokens, mask, bias):
-    """Fallback of `minichat.reward.score`: the scalar head at the last real token, + bias."""
-    return gather_at(reward_model(tokens, mask), last_token_index(mask)) + bias
-
-
 def _micro_map(fn, micro: int, *arrays):
     """`fn` applied to consecutive chunks of `micro` rows (`lax.map`), outputs re-concatenated.
 
@@ -516,7 +512,7 @@ def make_experience_fn(policy_graphdef, value_graphdef, reward_fn: Callable, hp:
             val = nnx.merge(value_graphdef, value, *vrest)
             logits = reply_logits(pol, tokens, full_mask, P, hp.temperature)
             lp = logprobs_from_logits(logits, response)
-            ent = _token_entropy(logits)
+            ent = token_entropy(logits)
             ref_lp = logprobs_from_logits(reply_logits(refm, tokens, full_mask, P, hp.temperature),
                                           response)
             # RLOO's baseline is the other replies to the prompt: no value model to run.
@@ -564,12 +560,6 @@ def make_experience_fn(policy_graphdef, value_graphdef, reward_fn: Callable, hp:
         return rollout, rows, stats
 
     return jax.jit(experience)
-
-
-def _token_entropy(logits):
-    """Entropy of softmax(logits) per position, (...,)."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPOHyper,
@@ -740,24 +730,6 @@ def gold_scores(examples, tok, response: np.ndarray, mask: np.ndarray) -> tuple[
 
 
 # ---- models --------------------------------------------------------------------------------
-
-
-def load_reward(run_dir: str, cfg, stage: str, sft_policy):
-    """(reward model, bias, jit-usable score function) from the reward engineer's API; until a
-    reward stage exists, a fresh scalar head on the SFT trunk (development only, warned)."""
-    from minichat import reward as reward_mod
-    from minichat.checkpoint import is_done
-    from minichat.model import ScalarGPT
-
-    score = getattr(reward_mod, "score", rm_score)
-    loader = getattr(reward_mod, "load_reward_model", None)
-    if loader is not None and (is_done(run_dir, stage) or
-                               os.path.isdir(os.path.join(run_dir, stage, "checkpoints"))):
-        model, bias = loader(run_dir, cfg, stage=stage)
-        return model, float(bias), score
-    print(f"[ppo] WARNING: no reward model in {run_dir}/{stage}: using an UNTRAINED scalar head "
-          f"on the SFT trunk (development only)")
-    return ScalarGPT.from_gpt(sft_policy, cfg.seed + 1), 0.0, score
 
 
 def split_params(model):
@@ -1129,7 +1101,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     policy = restore_params(run_dir, policy_stage, GPT.init(cfg.model, cfg.seed), cfg.model)
     ref = policy if ref_stage == policy_stage else restore_params(
         run_dir, ref_stage, GPT.init(cfg.model, cfg.seed), cfg.model)
-    reward_model, bias, score = load_reward(run_dir, cfg, reward_stage, ref)
+    reward_model, bias = load_reward_model(run_dir, cfg, stage=reward_stage)
     rm_graphdef, rm_state = nnx.split(reward_model)
     # N-details #15: the value model starts as a copy of the reward model (separate trunk).
     value = nnx.merge(rm_graphdef, _copy(rm_state))
@@ -1137,7 +1109,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     reward_params = (rm_state, jnp.float32(bias))
 
     def reward_fn(params, tokens, mask):
-        return score(nnx.merge(rm_graphdef, params[0]), tokens, mask, params[1])
+        return reward_score(nnx.merge(rm_graphdef, params[0]), tokens, mask, params[1])
 
     # -- prompts: one fixed width for the whole run (one compile) --
     pool = prompt_pool(cfg)

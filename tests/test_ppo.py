@@ -18,10 +18,7 @@ from minichat.model import GPT, ScalarGPT
 from minichat.reward import last_token_index
 from minichat.sampling import Generation
 
-try:  # the reward engineer's scorer; the same convention as ppo.rm_score
-    from minichat.reward import score as rm_score
-except ImportError:  # pragma: no cover
-    rm_score = ppo.rm_score
+from minichat.reward import score as rm_score
 
 MC = ModelConfig(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32)
 END, PAD, X = 1, 0, 7  # end and pad ids of the fake vocabulary; X: the toy reward's token
