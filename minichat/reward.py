@@ -102,6 +102,9 @@ def rm_loss(
     All C(K_b, 2) pairs of prompt b form one batch element: the per-pair losses are averaged
     within the prompt, then the prompts are averaged (each prompt weighs the same whatever its
     K_b). Prompts with fewer than 2 valid completions have no pair and are left out of the mean.
+    A pair of identical replies (the policy often samples one twice) gets identical rewards, so
+    it adds log 2 and no gradient: a prompt with d such pairs of its C trains with weight
+    (C - d) / C, as in InstructGPT's loss taken literally.
     Computed with ``jax.nn.log_sigmoid`` (stable for large margins) and a (K, K) pair matrix, no
     Python loop over pairs.
 
