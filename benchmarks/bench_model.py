@@ -4,10 +4,11 @@ GPT-2 of identical shape (Hugging Face `GPT2LMHeadModel`), measured in the same 
     python benchmarks/bench_model.py                      # tiny and small presets
     python benchmarks/bench_model.py --presets tiny --repeats 5
     python benchmarks/bench_model.py --cpus 1             # pin both frameworks to one core
+    python benchmarks/bench_model.py --dtype bfloat16     # bf16 matmuls; torch under autocast
 
 Prints one JSON object:
-  peak_matmul_gflops          fp32 jnp.dot of two 2048x2048 matrices (the machine's peak:
-                              the best of a measurement before every round)
+  peak_matmul_gflops          jnp.dot of two 2048x2048 matrices in --dtype (the machine's
+                              peak: the best of a measurement before every round)
   <preset>.jax.train_tok_s    tokens/s of a full jitted train step (fwd + bwd + AdamW with
                               clipping, donated buffers; `minichat.pretrain.make_train_step`)
   <preset>.jax.mfu            train_tok_s * flops_per_token / peak
@@ -31,6 +32,7 @@ core (both frameworks then run single-threaded), which measures per-core efficie
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -65,9 +67,11 @@ def _timeit(fn, steps):
     return time.perf_counter() - t
 
 
-def peak_matmul_gflops(n=2048, reps=5, rounds=3):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    dot = jax.jit(lambda x, y: x @ y)
+def peak_matmul_gflops(n=2048, reps=5, rounds=3, dtype="float32"):
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    # float32 accumulation and result, as the model's matmuls (a bf16 result takes another,
+    # much slower path on XLA:CPU: ~200 against ~1,300 GFLOP/s on AMX)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     dot(a, a).block_until_ready()
     best = float("inf")
     for _ in range(rounds):
@@ -142,8 +146,13 @@ class TorchTrainPeer:
     count."""
 
     def __init__(self, model, cfg: ModelConfig, batch: int, logits=lambda out: out):
+        import contextlib
+
         import torch
         self.torch, self.model, self.logits = torch, model, logits
+        # bf16 compute: torch's own mixed precision on CPU (bf16 matmuls, fp32 weights)
+        self.precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+                          if cfg.dtype == "bfloat16" else contextlib.nullcontext())
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -157,7 +166,8 @@ class TorchTrainPeer:
         torch, F = self.torch, self.torch.nn.functional
         self.model.train()
         for _ in range(steps):
-            logits = self.logits(self.model(self.tokens[:, :-1]))
+            with self.precision():
+                logits = self.logits(self.model(self.tokens[:, :-1]))
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), self.tokens[:, 1:].reshape(-1))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,7 +201,7 @@ class TorchBench(TorchTrainPeer):
 
     def _sample(self, calls):
         self.model.eval()
-        with self.torch.no_grad():
+        with self.torch.no_grad(), self.precision():
             for _ in range(calls):
                 self.model.generate(self.prompts, attention_mask=self.torch.ones_like(
                     self.prompts), do_sample=True, top_k=0, temperature=1.0,
@@ -251,23 +261,24 @@ def nanogpt_style(cfg: ModelConfig):
 # ---------------------------------------------------------------------------- main
 
 
-def run_preset(name, repeats, train_steps, sample_calls, with_torch, peaks):
+def run_preset(name, repeats, train_steps, sample_calls, with_torch, peaks, dtype="float32"):
     spec = PRESETS[name]
-    cfg, B = spec["model"], spec["batch"]
+    cfg, B = dataclasses.replace(spec["model"], dtype=dtype), spec["batch"]
     benches = {"jax": JaxBench(cfg, B)}
     if with_torch:
         benches["torch"] = TorchBench(cfg, B)
         benches["torch_nanogpt"] = TorchTrainPeer(nanogpt_style(cfg), cfg, B)
     times = {k: {"train": [], "sample": []} for k in benches}
     for _ in range(repeats):  # interleave the frameworks, round by round
-        peaks.append(peak_matmul_gflops(rounds=1))
+        peaks.append(peak_matmul_gflops(rounds=1, dtype=dtype))
         for k, bench in benches.items():
             times[k]["train"].append(_timeit(bench.train, train_steps))
             if hasattr(bench, "sample"):
                 times[k]["sample"].append(_timeit(bench.sample, sample_calls))
     fpt = flops_per_token(cfg, cfg.block_size)
     out = {"config": dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                          vocab_size=cfg.vocab_size, block_size=cfg.block_size, batch=B),
+                          vocab_size=cfg.vocab_size, block_size=cfg.block_size, batch=B,
+                          dtype=dtype),
            "params": benches["jax"].n_params, "flops_per_token": fpt}
     for k in benches:
         train_tok = B * cfg.block_size * train_steps / statistics.median(times[k]["train"])
@@ -304,6 +315,8 @@ def main(argv=None):
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--sample-calls", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="compute dtype: minichat's model.dtype, torch.autocast for the peers")
     ap.add_argument("--cpus", type=int, default=None,
                     help="pin the process to this many cores (applied at start-up)")
     args = ap.parse_args(argv)
@@ -316,7 +329,7 @@ def main(argv=None):
             print("torch/transformers not installed: JAX figures only", file=sys.stderr)
             with_torch = False
     # The machine is shared: the peak is the best of a measurement before every round.
-    peaks = [peak_matmul_gflops()]
+    peaks = [peak_matmul_gflops(dtype=args.dtype)]
     result = {"device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
               "cpus_used": len(os.sched_getaffinity(0)),
               "load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "presets": {}}
@@ -325,7 +338,8 @@ def main(argv=None):
         result["torch_version"] = torch.__version__
     result["jax_version"] = jax.__version__
     for name in args.presets:
-        r = run_preset(name, args.repeats, args.train_steps, args.sample_calls, with_torch, peaks)
+        r = run_preset(name, args.repeats, args.train_steps, args.sample_calls, with_torch, peaks,
+                       args.dtype)
         result["presets"][name] = r
         print(json.dumps({name: r}), file=sys.stderr)
     peak = max(peaks)
