@@ -146,7 +146,8 @@ def test_missing_run_is_a_clear_message_not_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"no trained model in {missing} yet" in proc.stderr
-    assert "python -m minichat.train" in proc.stderr and "stage=sft" in proc.stderr
+    assert f"`python -m minichat.train run_dir={missing}` first" in proc.stderr
+    assert "stage=sft" not in proc.stderr  # it would fail: nothing before SFT is trained yet
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
