@@ -177,10 +177,11 @@ class MetricsLog:
             rows = []
         else:
             rows = [r for r in rows if r.get("step", 0) <= resume_step]
-        if self.write:
-            with open(path, "w") as f:
+        if self.write:  # atomically: a kill here must not lose the rows kept
+            with open(f"{path}.tmp", "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
+            os.replace(f"{path}.tmp", path)
         self.rows = rows
 
     def log(self, row: dict) -> None:

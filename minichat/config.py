@@ -46,7 +46,7 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
 
 
 @dataclass
@@ -286,7 +286,9 @@ _keep = (lambda v: v >= 1, "must be >= 1 (the newest checkpoint is what the next
 _RULES = {
     "model.vocab_size": _positive, "model.block_size": _positive, "model.n_layer": _positive,
     "model.n_head": _positive, "model.n_embd": _positive,
-    "model.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    # the model has GPT-2's dropout layers, but the training steps run it deterministically
+    # (no per-step dropout key yet): a value > 0 would do nothing, so it is refused
+    "model.dropout": (lambda v: v == 0, "must be 0: the training stages do not apply dropout yet"),
     "model.attention": (lambda v: v in ATTENTION, f"must be one of {', '.join(ATTENTION)}"),
     "model.dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "pretrain.steps": _positive, "pretrain.batch_size": _positive, "pretrain.seq_len": _non_negative,

@@ -70,7 +70,8 @@ def make_optimizer(cfg, total_steps: int):
         decay_steps=max(total_steps, 2), end_value=cfg.lr * cfg.min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
+        # 0 = no clipping, as in nanoGPT (optax would scale every gradient to 0)
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                     mask=decay_mask),
     )

@@ -165,7 +165,7 @@ def run(cfg, run_dir: str, tok, mesh) -> dict:
     print(f"[sft] {len(train):,} demonstrations in {n_rows:,} rows of {width} tokens, "
           f"{int(arrays['loss_mask'].sum()):,} assistant tokens")
 
-    n_lm = int(round(bsz * cfg.sft.lm_mix))
+    n_lm = min(int(round(bsz * cfg.sft.lm_mix)), bsz - 1)  # at least one demonstration a batch
     get_batch = batch_maker(arrays, bsz, cfg.seed, lm_stream(cfg, tok) if n_lm else None, n_lm)
 
     eval_batches = [{"tokens": v_tokens[i:i + bsz], "valid": v_valid[i:i + bsz], "loss_mask": v_mask[i:i + bsz]}

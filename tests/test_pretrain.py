@@ -348,6 +348,14 @@ def test_a_missing_earlier_stage_names_the_command_for_this_run(tmp_path):
         restore_params(str(run), "pretrain", None, None)
 
 
+def test_grad_clip_zero_turns_clipping_off():
+    params, grads = {"w": jnp.ones((2, 2))}, {"w": jnp.full((2, 2), 100.0)}
+    for clip in (0.0, 1.0):
+        tx, _ = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=clip), 10)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(updates["w"], -1e-2, rtol=1e-3)  # Adam's first step: -lr * sign(g)
+
+
 def _set(cfg, key: str, value):
     import dataclasses
 
