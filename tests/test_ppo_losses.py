@@ -111,8 +111,9 @@ def test_shape_rewards_no_end_penalty_only_for_rows_without_end():
 
 
 @settings(deadline=None, max_examples=50)
-@given(st.lists(st.tuples(st.floats(-10, 10, width=32), st.booleans()), min_size=1, max_size=8),
-       st.floats(-5, 0, width=32))
+@given(st.lists(st.tuples(st.floats(-10, 10, width=32, allow_subnormal=False), st.booleans()),
+                min_size=1, max_size=8),
+       st.floats(-5, 0, width=32, allow_subnormal=False))  # XLA:CPU flushes subnormals to 0
 def test_not_ending_never_pays(rows, penalty):
     """An unended reply scores min(its own score, the penalty): never more than it would
     have scored, never more than the penalty; ended replies keep their score exactly."""
