@@ -96,6 +96,42 @@ def pipeline(cfg) -> list[tuple[str, Callable]]:
     return stages + [("report", evaluate.run_report)]
 
 
+# Settings that do not change a stage's results, and the sections each stage reads besides
+# the shared model / world / seed: a finished stage done with other values is stale.
+_NO_EFFECT = {"stage", "resume", "progress", "compilation_cache", "run_name", "run_dir",
+              "parallel", "rounds"}
+_NO_EFFECT_LEAVES = {"checkpoint_every", "keep"}
+_ORDER = ("tokenizer", "pretrain", "sft", "comparisons", "reward", "ppo")
+_SECTION = {"tokenizer": "tokenizer", "pretrain": "pretrain", "sft": "sft",
+            "comparisons": "reward", "reward": "reward", "ppo": "ppo"}
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
+    """The settings a finished `stage` depends on whose value its `config.yaml` records
+    differently from `cfg`: its own section, the earlier stages' ones, model, world and seed
+    (the tokenizer: tokenizer, world, seed and the data files)."""
+    path = os.path.join(run_dir, stage, "config.yaml")
+    base = stage.split("_r")[0]
+    if base not in _ORDER or not os.path.exists(path):
+        return []
+    then = _flat(OmegaConf.to_container(OmegaConf.load(path)))
+    now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    if base == "tokenizer":
+        reads = lambda k: k.split(".")[0] in ("tokenizer", "world", "seed") or k in ("pretrain.files", "sft.files")
+    else:
+        sections = {"model", "world", "seed"} | {_SECTION[s] for s in _ORDER[:_ORDER.index(base) + 1]}
+        reads = lambda k: k.split(".")[0] in sections
+    return [f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(then) | set(now))
+            if reads(k) and k.split(".")[0] not in _NO_EFFECT
+            and k.split(".")[-1] not in _NO_EFFECT_LEAVES and then.get(k) != now.get(k)]
+
+
 @contextlib.contextmanager
 def set_aside(path: str, redo: bool):
     """`resume=false`: the stage starts from an empty directory, but its old one is only
@@ -145,6 +181,12 @@ def run(cfg) -> None:
             shutil.rmtree(os.path.join(run_dir, stage), ignore_errors=True)  # always rewritten
         redo = not cfg.resume and (cfg.stage == stage or stage != "tokenizer")
         if not redo and is_done(run_dir, stage):
+            changed = changed_settings(cfg, run_dir, stage)
+            if changed:  # reusing it would mix results of two configs without a word
+                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+                raise ValueError(f"{run_dir}/{stage} was done with other settings: "
+                                 f"{'; '.join(changed[:3])}{more}. Run with resume=false to redo "
+                                 f"it and the stages after it, or choose another run_name")
             print(f"[{stage}] already done in {run_dir}/{stage} (resume=false to redo it)")
             continue
         with set_aside(os.path.join(run_dir, stage), redo):

@@ -459,8 +459,13 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_corpus, tmp_pa
         assert np.array_equal(np.asarray(x), np.asarray(y))
     copy = read_done(str(tmp_path / "killed"), "pretrain")["copy_accuracy"]
     assert set(copy) == {"first", "repeat"} and all(0.0 <= v <= 1.0 for v in copy.values())
-    # a finished stage is skipped when the command is run again
+    # a finished stage is skipped when the command is run again ...
     assert "already done" in cli(common + ["run_dir=killed"], tmp_path).stdout
+    # ... but not reused when a setting it depends on has changed since (a later stage's may)
+    stale = cli(common + ["run_dir=killed", "pretrain.steps=30", "sft.steps=3"], tmp_path, check=False)
+    assert stale.returncode == 2, stale.stderr
+    assert "was done with other settings: pretrain.steps=24 (now 30). Run with resume=false" in stale.stderr
+    assert "already done" in cli(common + ["run_dir=killed", "sft.steps=3"], tmp_path).stdout
 
 
 def test_a_run_killed_in_its_copying_warm_up_resumes_to_the_uninterrupted_run(tiny_corpus, tmp_path):
