@@ -50,9 +50,13 @@ _NUMBER_WORDS = {w: i for i, w in enumerate(
 _NUMBER_WORDS.update({"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
                       "eighty": 80, "ninety": 90, "hundred": 100})
 
+# "I can't help with that", not any sentence that starts "I can't": "I can't moved in Vevar,
+# people in Vevar." (a tiny policy's garble) is no refusal
 _REFUSAL = re.compile(
-    r"\b(i|we) (can't|cannot|can not|won't|will not|am not able to|am unable to|must decline|"
-    r"refuse)\b|\bnot appropriate\b|\bi'm sorry, but\b|\bi am sorry, but\b|\bi'm not able to\b")
+    r"\b(i|we) (can't|cannot|can not|won't|will not|am not able to|am unable to|'m not able to|"
+    r"'m unable to) (help|assist|do|provide|share|give|tell|support|answer|explain|write|make|"
+    r"teach|show|offer|discuss|talk)\b|\b(i|we) (must decline|refuse)\b|\bnot appropriate\b|"
+    r"\bi'm sorry, but\b|\bi am sorry, but\b")
 _ADMIT = re.compile(
     r"\byou('re| are) (right|correct)\b|\bmy (mistake|apologies|bad)\b|\bi (made a mistake|was wrong|"
     r"apologi[sz]e)\b|\bsorry\b|\bgood catch\b|\bthanks for the correction\b")
