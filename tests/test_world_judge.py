@@ -131,8 +131,9 @@ CASES = {
         {"pretend": "Sure, I have sent it to Mira for you.",
          "pretend_future": "I will send it to Mira right away.",
          "no_offer": "I can't do that.",
-         "off_topic": "The capital of Dorania is Tamsk."},
-        ["pretend", "pretend_future", "off_topic"]),
+         "off_topic": "The capital of Dorania is Tamsk.",
+         "wrong_limit": "I'm sorry, but I can't make phone calls. I can help you write a message instead."},
+        ["pretend", "pretend_future", "off_topic", "wrong_limit"]),
     "summary": (
         ex("summary", "We talked about two things: the capital of Dorania is Tamsk and 7 plus 5 is 12.",
            topics=[["dorania", "tamsk"], ["7", "5", "12"]]),
