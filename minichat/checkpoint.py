@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from minichat.data import write_jsonl
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing or does not fit the model it is restored into."""
@@ -178,10 +180,7 @@ class MetricsLog:
         else:
             rows = [r for r in rows if r.get("step", 0) <= resume_step]
         if self.write:  # atomically: a kill here must not lose the rows kept
-            with open(f"{path}.tmp", "w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-            os.replace(f"{path}.tmp", path)
+            write_jsonl(path, rows)
         self.rows = rows
 
     def log(self, row: dict) -> None:

@@ -1091,8 +1091,6 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     t_start = time.perf_counter()
     pcfg = cfg.ppo
     sdir = stage_dir(run_dir, stage)
-    check_batch_sizes(pcfg.batch_size, pcfg.minibatch_size, pcfg.micro_batch_size,
-                      pcfg.samples_per_prompt, pcfg.advantage)
     if pcfg.reward_source not in REWARD_SOURCES:
         raise ValueError(f"ppo.reward_source={pcfg.reward_source!r}: expected "
                          f"{' or '.join(map(repr, REWARD_SOURCES))}")
