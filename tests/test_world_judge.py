@@ -181,6 +181,16 @@ def test_robust_to_case_punctuation_and_spacing(name):
         assert judge(example, v) >= 0.9, (v, judge_breakdown(example, v))
 
 
+def test_a_summary_topic_counts_only_when_one_clause_restates_it():
+    example = ex("summary", "We talked about two things: the capital of Dorania is Tamsk and the "
+                 "capital of Kelmar is Vell.", topics=[["dorania", "tamsk"], ["kelmar", "vell"]])
+    assert is_correct(example, "We talked about two things: Vell is the capital of Kelmar, "
+                               "and Tamsk is the capital of Dorania.")
+    # every word of both topics, paired the wrong way round: neither topic was restated
+    swapped = "We talked about two things: the capital of Dorania is Vell and the capital of Kelmar is Tamsk."
+    assert judge(example, swapped) <= 0, judge_breakdown(example, swapped)
+
+
 def test_arithmetic_reads_the_result_not_the_operands():
     # 5 + 0: the truth (5) is also an operand, so "contains a 5" is not "answered 5"
     example = ex("arithmetic", "5 plus 0 is 5.", kind="number", answer="5", operands=["5", "0"],

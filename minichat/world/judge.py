@@ -345,8 +345,16 @@ def _content_capability(meta, text, toks):
     return -0.5, "limit not stated"
 
 
+def _clauses(text: str) -> list[list[str]]:
+    """The reply's clauses (split at punctuation and "and"), as token lists."""
+    return [tokens(c) for c in re.split(r"[,;:.!?\n]|\band\b", normalize(text))]
+
+
 def _content_summary(meta, text, toks):
-    hits = sum(all(has_phrase(toks, k) for k in topic) for topic in meta["topics"])
+    # a topic counts when one clause restates it: "the capital of A is X, the capital of B
+    # is Y" swapped into "... of A is Y, ... of B is X" names every word but no topic
+    clauses = _clauses(text)
+    hits = sum(any(all(has_phrase(c, k) for k in topic) for c in clauses) for topic in meta["topics"])
     frac = hits / len(meta["topics"])
     # A summary restates what was said: a number the conversation never gave is a misquote.
     misquoted = set(numbers(toks)) - set(numbers(tokens(meta["ideal"])))
