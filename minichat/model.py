@@ -201,15 +201,15 @@ class CausalSelfAttention(nnx.Module):
                                  kernel_init=_normal(0.02), rngs=rngs)
         self.c_proj = nnx.Linear(C, C, dtype=dt, dot_general=_linear_dot_general,
                                  kernel_init=_normal(residual_std), rngs=rngs)
-        drop_rngs = rngs if config.dropout > 0 else None
-        self.attn_dropout = nnx.Dropout(config.dropout, rngs=drop_rngs)
-        self.resid_dropout = nnx.Dropout(config.dropout, rngs=drop_rngs)
+        self.attn_dropout = nnx.Dropout(config.dropout)
+        self.resid_dropout = nnx.Dropout(config.dropout)
 
-    def __call__(self, x, allowed, *, deterministic=True, kv=None, index=None,
+    def __call__(self, x, allowed, *, dropout_key=None, kv=None, index=None,
                  causal_blocks=False):
         """x: (B, T, C). allowed: (B, 1, T, S) bool, may query t see key s.
         `causal_blocks`: `allowed` is causal (S == T, no cache), so blocks of queries can
-        skip the keys after them.
+        skip the keys after them. `dropout_key`: dropout on the attention weights and the
+        output (None = none).
 
         Without a cache S == T. With `kv = (k_cache, v_cache)` (B, H, Tmax, D) the new
         keys/values are written at slots [index, index + T) and the queries attend over
@@ -225,8 +225,15 @@ class CausalSelfAttention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
             kv = (k, v)
-        if self.implementation == "manual":
-            y = self._attend(q, k, v, allowed, deterministic, causal_blocks)
+        attn_key, resid_key = _split(dropout_key, 2)
+        if attn_key is not None and self.attn_dropout.rate > 0:
+            # dropout on the attention weights: the plain formula, differentiated by JAX
+            # (neither the hand-written backward nor the library kernels have a dropout)
+            weights = _attention_weights(q, k, allowed).astype(v.dtype)
+            weights = _dropout(self.attn_dropout, weights, attn_key)
+            y = jnp.einsum("bhts,bhsd->bhtd", weights, v)
+        elif self.implementation == "manual":
+            y = self._attend(q, k, v, allowed, causal_blocks)
         else:  # "xla" | "cudnn": the library kernel, in the compute dtype, (B, T, H, D) layout
             q, k, v = (a.astype(self.c_attn.dtype).transpose(0, 2, 1, 3) for a in (q, k, v))
             y = jax.nn.dot_product_attention(
@@ -234,15 +241,10 @@ class CausalSelfAttention(nnx.Module):
                 mask=allowed, implementation=self.implementation,
             ).transpose(0, 2, 1, 3)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
-        y = self.resid_dropout(self.c_proj(y), deterministic=deterministic)
+        y = _dropout(self.resid_dropout, self.c_proj(y), resid_key)
         return y, kv
 
-    def _attend(self, q, k, v, allowed, deterministic, causal_blocks):
-        if self.attn_dropout.rate > 0 and not deterministic:
-            # dropout on the attention weights: the plain formula, differentiated by JAX
-            weights = _attention_weights(q, k, allowed).astype(v.dtype)
-            weights = self.attn_dropout(weights, deterministic=False)
-            return jnp.einsum("bhts,bhsd->bhtd", weights, v)
+    def _attend(self, q, k, v, allowed, causal_blocks):
         T = q.shape[2]
         if not causal_blocks or T <= QUERY_BLOCK or T % QUERY_BLOCK:
             return attention(q, k, v, allowed)
@@ -317,11 +319,11 @@ class MLP(nnx.Module):
                                kernel_init=_normal(0.02), rngs=rngs)
         self.c_proj = nnx.Linear(4 * C, C, dtype=dt, dot_general=_linear_dot_general,
                                  kernel_init=_normal(residual_std), rngs=rngs)
-        self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
+        self.dropout = nnx.Dropout(config.dropout)
 
-    def __call__(self, x, *, deterministic=True):
+    def __call__(self, x, *, dropout_key=None):
         h = jax.nn.gelu(self.c_fc(x), approximate=True)  # tanh GELU, as GPT-2
-        return self.dropout(self.c_proj(h), deterministic=deterministic)
+        return _dropout(self.dropout, self.c_proj(h), dropout_key)
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -341,19 +343,35 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(config.n_embd, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, allowed, *, deterministic=True, kv=None, index=None):
-        a, kv = self.attn(self.ln_1(x), allowed, deterministic=deterministic, kv=kv,
+    def __call__(self, x, allowed, *, dropout_key=None, kv=None, index=None):
+        attn_key, mlp_key = _split(dropout_key, 2)
+        a, kv = self.attn(self.ln_1(x), allowed, dropout_key=attn_key, kv=kv,
                           index=index, causal_blocks=kv is None)
         x = x + a
-        x = x + self.mlp(self.ln_2(x), deterministic=deterministic)
+        x = x + self.mlp(self.ln_2(x), dropout_key=mlp_key)
         return x, kv
 
 
-def _block_forward(block, x, allowed, deterministic):
-    return block(x, allowed, deterministic=deterministic)[0]
+def _block_forward(block, x, allowed, dropout_key):
+    return block(x, allowed, dropout_key=dropout_key)[0]
 
 
-_block_forward_remat = nnx.remat(_block_forward, static_argnums=(3,))
+# the backward pass recomputes the block, dropout masks included (same key, same mask)
+_block_forward_remat = nnx.remat(_block_forward)
+
+
+def _split(key, n: int) -> tuple:
+    """`n` independent keys from `key`, or `n` Nones without one (no dropout)."""
+    return (None,) * n if key is None else tuple(jax.random.split(key, n))
+
+
+def _dropout(layer: nnx.Dropout, x, key):
+    """Inverted dropout with an explicit key (None = identity, as at evaluation).
+
+    The modules hold no random state: each training step passes one key (from the seed
+    and the step number) that is split per layer, so a resumed run draws the same masks
+    as an uninterrupted one, and checkpoints hold parameters only."""
+    return x if key is None else layer(x, deterministic=False, rngs=key)
 
 
 class GPT(nnx.Module):
@@ -367,7 +385,7 @@ class GPT(nnx.Module):
         C = config.n_embd
         self.wte = nnx.Embed(config.vocab_size, C, embedding_init=_normal(0.02), rngs=rngs)
         self.wpe = nnx.Embed(config.block_size, C, embedding_init=_normal(0.02), rngs=rngs)
-        self.drop = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
+        self.drop = nnx.Dropout(config.dropout)
         self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(C, rngs=rngs)
 
@@ -379,7 +397,7 @@ class GPT(nnx.Module):
 
     # ---------------------------------------------------------------- forward passes
 
-    def __call__(self, tokens, mask=None, *, segments=None, branches=None, deterministic=True):
+    def __call__(self, tokens, mask=None, *, segments=None, branches=None, dropout_key=None):
         """tokens: (B, T) int32; mask: (B, T), 1 = real token, 0 = padding (left or right).
         segments: optional (B, T) ids of sequences packed into one row; a token attends
         only to earlier tokens of its own segment, and positions restart per segment.
@@ -388,15 +406,16 @@ class GPT(nnx.Module):
         continuation token attends to the prefix and to earlier tokens of its own branch,
         and its positions continue from the prefix's, so every branch is computed as if
         it were prefix + branch alone (K replies to one prompt: the prompt runs once).
+        dropout_key: a PRNG key to train with dropout (`config.dropout`); None = none.
 
         Returns (logits (B, T, V) float32, hidden (B, T, C) float32 after ln_f).
         """
         hidden = self.hidden_states(tokens, mask, segments=segments, branches=branches,
-                                    deterministic=deterministic)
+                                    dropout_key=dropout_key)
         return self.unembed(hidden), hidden
 
     def hidden_states(self, tokens, mask=None, *, segments=None, branches=None,
-                      deterministic=True):
+                      dropout_key=None):
         """Final hidden states after ln_f, (B, T, C) float32; no unembedding."""
         B, T = tokens.shape
         mask = jnp.ones((B, T), jnp.int32) if mask is None else mask.astype(jnp.int32)
@@ -412,18 +431,19 @@ class GPT(nnx.Module):
             # a token's position is the number of real tokens it sees before itself, which
             # is what it would be in its own prefix + branch sequence
             positions = jnp.maximum(jnp.sum(allowed[:, 0], axis=-1, dtype=jnp.int32) - 1, 0)
-        x = self.embed(tokens, positions, deterministic)
-        for block in self.h:
+        embed_key, *block_keys = _split(dropout_key, 1 + len(self.h))
+        x = self.embed(tokens, positions, embed_key)
+        for block, key in zip(self.h, block_keys):
             if self.config.remat:
-                x = _block_forward_remat(block, x, allowed, deterministic)
+                x = _block_forward_remat(block, x, allowed, key)
             else:
-                x, _ = block(x, allowed, deterministic=deterministic)
+                x, _ = block(x, allowed, dropout_key=key)
         return self.ln_f(x)
 
-    def embed(self, tokens, positions, deterministic=True):
+    def embed(self, tokens, positions, dropout_key=None):
         """wte[tokens] + wpe[positions], float32 (the residual stream stays float32)."""
         x = self.wte(tokens) + self.wpe(positions)
-        return self.drop(x, deterministic=deterministic)
+        return _dropout(self.drop, x, dropout_key)
 
     def unembed(self, hidden):
         """Tied output layer: logits = hidden · wteᵀ, computed in the compute dtype with
@@ -497,11 +517,11 @@ class ScalarGPT(nnx.Module):
         nnx.update(model.transformer, trunk)
         return model
 
-    def __call__(self, tokens, mask=None, *, segments=None, branches=None, deterministic=True):
+    def __call__(self, tokens, mask=None, *, segments=None, branches=None, dropout_key=None):
         """(B, T) float32: the head applied to every position's final hidden state.
-        `segments`, `branches`: packed sequences and shared prefixes, as in `GPT.__call__`."""
+        `segments`, `branches`, `dropout_key`: as in `GPT.__call__`."""
         hidden = self.transformer.hidden_states(tokens, mask, segments=segments,
-                                                branches=branches, deterministic=deterministic)
+                                                branches=branches, dropout_key=dropout_key)
         return self.head(hidden)[..., 0].astype(jnp.float32)
 
 

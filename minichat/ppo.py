@@ -461,7 +461,7 @@ def reply_logits(model, tokens, mask, prompt_len: int, temperature: float):
     """Temperature-scaled logits predicting each reply token: positions P-1 .. P+N-2 of the
     full sequence (the module's index convention), (B, N, V) float32. The unembedding runs on
     those N positions only (the prompt's logits are never needed)."""
-    hidden = model.hidden_states(tokens, mask, deterministic=True)  # N-details #5: no dropout
+    hidden = model.hidden_states(tokens, mask)  # no dropout key: N-details #5, no dropout
     logits = model.unembed(hidden[:, prompt_len - 1:-1])
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature  # N-details #4: the sampling temperature, again
@@ -470,7 +470,7 @@ def reply_logits(model, tokens, mask, prompt_len: int, temperature: float):
 
 def reply_values(value_model, tokens, mask, prompt_len: int):
     """V(state before reply token t), read at full-sequence position P-1+t -> (B, N)."""
-    return value_model(tokens, mask, deterministic=True)[:, prompt_len - 1:-1]
+    return value_model(tokens, mask)[:, prompt_len - 1:-1]  # no dropout, as the policy
 
 
 def _micro_map(fn, micro: int, *arrays):

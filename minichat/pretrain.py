@@ -21,6 +21,7 @@ import os
 import signal
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 from dataclasses import asdict
@@ -54,11 +55,12 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def batch_loss(model, batch: Batch) -> jax.Array:
+def batch_loss(model, batch: Batch, dropout_key=None) -> jax.Array:
     """Next-token loss of a batch: inputs are tokens[:, :-1], targets tokens[:, 1:]."""
     tokens = batch["tokens"]
     segments = batch["segments"][:, :-1] if "segments" in batch else None
-    logits, _ = model(tokens[:, :-1], batch["valid"][:, :-1], segments=segments)
+    logits, _ = model(tokens[:, :-1], batch["valid"][:, :-1], segments=segments,
+                      dropout_key=dropout_key)
     return lm_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
 
 
@@ -79,16 +81,18 @@ def make_optimizer(cfg, total_steps: int):
 
 
 def make_train_step(graphdef, tx, loss_fn: Callable = batch_loss, rest=None):
-    """A jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`.
+    """A jitted `step(params, opt_state, batch, dropout_key=None) -> (params, opt_state,
+    metrics)`.
 
     Pure over arrays: the graph definition is static, params/opt_state are donated so
     XLA updates them in place. `rest` holds the model's non-parameter state, if any.
+    `dropout_key` (see `step_dropout_key`) turns the model's dropout on for this step.
     """
     rest = () if rest is None else (rest,)
 
-    def step(params, opt_state, batch):
+    def step(params, opt_state, batch, dropout_key=None):
         def objective(p):
-            return loss_fn(nnx.merge(graphdef, p, *rest), batch)
+            return loss_fn(nnx.merge(graphdef, p, *rest), batch, dropout_key=dropout_key)
 
         loss, grads = jax.value_and_grad(objective)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -96,6 +100,26 @@ def make_train_step(graphdef, tx, loss_fn: Callable = batch_loss, rest=None):
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def step_dropout_key(cfg, stage: str, step: int):
+    """The dropout key of one training step, or None when `model.dropout` is 0.
+
+    A function of (seed, stage, step) only, so a resumed run draws the same masks as an
+    uninterrupted one, and no random state needs checkpointing."""
+    if cfg.model.dropout <= 0:
+        return None
+    stage_key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(stage.encode()))
+    return jax.random.fold_in(stage_key, step)
+
+
+def throughput(count: bool, tokens: int, seconds: float, n_tok: int, t_train: float):
+    """(tokens/s, n_tok, t_train) after a step of `tokens` in `seconds`: the running rate
+    over counted steps (all but a run's first, which is mostly compilation); the first
+    step's own rate until there is one."""
+    if count:
+        n_tok, t_train = n_tok + tokens, t_train + seconds
+    return (n_tok / t_train if t_train > 0 else tokens / max(seconds, 1e-9)), n_tok, t_train
 
 
 def make_eval_step(graphdef, loss_fn: Callable = batch_loss, rest=None):
@@ -160,20 +184,23 @@ def fit(model, *, stage: str, run_dir: str, cfg, scfg, mesh, get_batch: Callable
         log.log({"step": 0, "eval_loss": evaluate(params)})
     bar = tqdm(range(start, scfg.steps), initial=start, total=scfg.steps, desc=stage,
                disable=not (cfg.progress and is_main()), dynamic_ncols=True)
-    t0, n_tok = time.perf_counter(), 0
+    # tokens/s: training steps only (no evaluation), without the first (mostly compilation)
+    n_tok, t_train = 0, 0.0
     peak, fpt = device_peak_flops(cfg.parallel.peak_flops), None
     for step in bar:
         batch = get_batch(step)
         if fpt is None:  # model FLOPs per token at this batch's sequence length (for MFU)
             from minichat.model import flops_per_token
             fpt = flops_per_token(cfg.model, batch["tokens"].shape[1] - 1)
-        params, opt_state, metrics = step_fn(params, opt_state, shard_batch(batch, mesh))
+        t0 = time.perf_counter()
+        params, opt_state, metrics = step_fn(params, opt_state, shard_batch(batch, mesh),
+                                             step_dropout_key(cfg, stage, step))
         loss = to_host(metrics["loss"])  # a host sync per step: keeps the log exact and cheap
+        tok_s, n_tok, t_train = throughput(step > start, tokens_per_step, time.perf_counter() - t0,
+                                           n_tok, t_train)
         if not math.isfinite(loss):
             raise FloatingPointError(f"[{stage}] loss became {loss} at step {step + 1}; "
                                      f"lower {stage}.optim.lr or check the data")
-        n_tok += tokens_per_step
-        tok_s = n_tok / (time.perf_counter() - t0)
         row = {"step": step + 1, "loss": loss, "grad_norm": to_host(metrics["grad_norm"]),
                "lr": float(schedule(step)), "tokens_per_s": tok_s,
                "mfu": mfu(tok_s, fpt, mesh_size(mesh), peak)}

@@ -446,14 +446,14 @@ def sequence_width(tok, rows: list[dict], block_size: int) -> int:
 
 
 # ---- the reward: the scalar head read at the reply's end token --------------------------
-def score(model, tokens: jax.Array, mask: jax.Array, bias=0.0) -> jax.Array:
+def score(model, tokens: jax.Array, mask: jax.Array, bias=0.0, dropout_key=None) -> jax.Array:
     """r(x, y) + bias, (B,) float32: the head's output at the last real token.
 
     `tokens`, `mask` (B, T): [left-padded prompt | right-padded reply ending in <|end|>] or
     any other padding: positions come from the mask, so the reward does not depend on where
     the padding sits. Pure: usable inside `jax.jit` after `nnx.merge`.
     """
-    values = model(tokens, mask)  # (B, T) scalar head at every position
+    values = model(tokens, mask, dropout_key=dropout_key)  # (B, T): the head at every position
     return gather_at(values, last_token_index(mask)) + jnp.asarray(bias, jnp.float32)
 
 
@@ -569,34 +569,36 @@ def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1,
     return out
 
 
-def batch_rewards(model, batch: dict) -> jax.Array:
+def batch_rewards(model, batch: dict, dropout_key=None) -> jax.Array:
     """(B, K) rewards of a comparison batch (K rows per prompt, one forward): (B, K, T)
     right-padded rows, or the same `pack`ed (then with "segments", "ends" and, with shared
     prompts, "branches")."""
     if "ends" in batch:
         values = model(batch["tokens"], batch["mask"], segments=batch["segments"],
-                       branches=batch.get("branches"))
+                       branches=batch.get("branches"), dropout_key=dropout_key)
         return values.reshape(-1)[batch["ends"]]
     B, K, T = batch["tokens"].shape
-    r = score(model, batch["tokens"].reshape(B * K, T), batch["mask"].reshape(B * K, T))
+    r = score(model, batch["tokens"].reshape(B * K, T), batch["mask"].reshape(B * K, T),
+              dropout_key=dropout_key)
     return r.reshape(B, K)
 
 
-def batch_loss(model, batch: dict):
+def batch_loss(model, batch: dict, dropout_key=None):
     """InstructGPT eq. 1 on a batch: (loss, metrics)."""
-    return rm_loss(batch_rewards(model, batch), batch["ranking"], batch["valid"])
+    return rm_loss(batch_rewards(model, batch, dropout_key), batch["ranking"], batch["valid"])
 
 
 def make_step(graphdef, tx, rest=None):
-    """Jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)` with the
-    loss's metrics (accuracy, margin, chosen, rejected) as aux; buffers donated."""
+    """Jitted `step(params, opt_state, batch, dropout_key=None) -> (params, opt_state,
+    metrics)` with the loss's metrics (accuracy, margin, chosen, rejected) as aux; buffers
+    donated."""
     import optax
     from flax import nnx
     rest = () if rest is None else (rest,)
 
-    def step(params, opt_state, batch):
+    def step(params, opt_state, batch, dropout_key=None):
         def objective(p):
-            return batch_loss(nnx.merge(graphdef, p, *rest), batch)
+            return batch_loss(nnx.merge(graphdef, p, *rest), batch, dropout_key)
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -736,7 +738,7 @@ def train(model, *, stage: str, run_dir: str, cfg, mesh, data: dict, heldout: di
     from minichat.checkpoint import stage_dir
     from minichat.model import flops_per_token
     from minichat.parallel import device_peak_flops, is_main, mesh_size, mfu, shard_batch, to_host
-    from minichat.pretrain import start_training
+    from minichat.pretrain import start_training, step_dropout_key, throughput
 
     rcfg = cfg.reward
     sdir = stage_dir(run_dir, stage)
@@ -766,18 +768,20 @@ def train(model, *, stage: str, run_dir: str, cfg, mesh, data: dict, heldout: di
     # projection (6·V·C FLOPs per token).
     width = data["tokens"].shape[-1]
     fpt = flops_per_token(cfg.model, width) - 6.0 * cfg.model.vocab_size * cfg.model.n_embd
-    peak, t0, n_tokens = device_peak_flops(cfg.parallel.peak_flops), time.perf_counter(), 0
+    peak, n_tokens, t_train = device_peak_flops(cfg.parallel.peak_flops), 0, 0.0
     row_multiple = math.lcm(4, mesh_size(mesh))  # few shapes; rows split evenly over devices
     for step in bar:
         batch = {k: v[batches[step]] for k, v in data.items()}
         batch.update(pack(batch.pop("tokens"), batch.pop("mask"), row_multiple, share_prefix=True))
-        params, opt_state, m = step_fn(params, opt_state, shard_batch(batch, mesh))
+        t0 = time.perf_counter()
+        params, opt_state, m = step_fn(params, opt_state, shard_batch(batch, mesh),
+                                       step_dropout_key(cfg, stage, step))
         loss = to_host(m["loss"])
+        tok_s, n_tokens, t_train = throughput(step > start, batch["tokens"].size,
+                                              time.perf_counter() - t0, n_tokens, t_train)
         if not math.isfinite(loss):
             raise FloatingPointError(f"[{stage}] loss became {loss} at step {step + 1}; lower "
                                      f"reward.optim.lr or check the comparisons")
-        n_tokens += batch["tokens"].size
-        tok_s = n_tokens / (time.perf_counter() - t0)
         row = {"step": step + 1, "loss": loss, "lr": float(schedule(step)),
                **{k: to_host(m[k]) for k in ("accuracy", "margin", "chosen", "rejected", "grad_norm")},
                "tokens_per_s": tok_s, "mfu": mfu(tok_s, fpt, mesh_size(mesh), peak)}

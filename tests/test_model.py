@@ -371,16 +371,63 @@ def test_remat_gives_the_same_gradients(split):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
-def test_dropout_only_when_not_deterministic():
-    cfg = dataclasses.replace(CFG, dropout=0.5)
-    model = GPT.init(cfg, 0)
-    tokens = _tokens(9)
-    a, _ = model(tokens)
-    b, _ = model(tokens, deterministic=True)
-    np.testing.assert_array_equal(a, b)
-    c, _ = model(tokens, deterministic=False)
-    d, _ = model(tokens, deterministic=False)
-    assert not np.allclose(a, c) and not np.allclose(c, d)
+def test_dropout_applies_only_with_a_key_and_adds_no_state(gpt):
+    model = GPT.init(dataclasses.replace(CFG, dropout=0.3), 0)
+    # the same parameters as without dropout, and no random state beside them
+    assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(nnx.state(gpt))
+    tokens, key = _tokens(9), jax.random.key(1)
+    plain, _ = gpt(tokens)
+    np.testing.assert_array_equal(model(tokens)[0], plain)  # no key: evaluation, no dropout
+    np.testing.assert_array_equal(gpt(tokens, dropout_key=key)[0], plain)  # rate 0: a key changes nothing
+    a, b = model(tokens, dropout_key=key)[0], model(tokens, dropout_key=key)[0]
+    np.testing.assert_array_equal(a, b)  # a function of the key
+    assert not np.allclose(a, plain, atol=1e-3)
+    assert not np.allclose(a, model(tokens, dropout_key=jax.random.key(2))[0], atol=1e-3)
+
+
+@settings(max_examples=8)
+@given(t=st.integers(0, T - 2), seed=st.integers(0, 2**16))
+def test_dropout_keeps_causality(t, seed):
+    """With one key, dropout masks depend on positions only: the future still never leaks."""
+    model = GPT.init(dataclasses.replace(CFG, dropout=0.3), 0)
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, x, k: nnx.merge(graphdef, s)(x, dropout_key=k)[0])
+    tokens, key = _tokens(seed), jax.random.key(seed)
+    changed = tokens.at[:, t + 1:].set(_tokens(seed + 1)[:, t + 1:])
+    a, b = f(state, tokens, key), f(state, changed, key)
+    np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["manual", "xla"])
+def test_dropout_gradients_match_finite_differences_and_remat(attention):
+    """The loss under one dropout key is a fixed function of the parameters: its gradient
+    matches central differences, and remat (which recomputes the masks) gives the same."""
+    cfg = dataclasses.replace(CFG, dropout=0.2, attention=attention)
+    tokens, key = _tokens(4), jax.random.key(7)
+
+    def make_loss(c):
+        graphdef, state = nnx.split(GPT.init(c, 0))
+
+        def loss(s):
+            logits = nnx.merge(graphdef, s)(tokens, dropout_key=key)[0]
+            return -logprobs_from_logits(logits[:, :-1], tokens[:, 1:]).mean()
+        return loss, state
+
+    loss, state = make_loss(cfg)
+    grads = jax.jit(jax.grad(loss))(state)
+    remat_loss, _ = make_loss(dataclasses.replace(cfg, remat=True))
+    for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.jit(jax.grad(remat_loss))(state))):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    # central differences along one random unit direction through every parameter
+    rng = np.random.default_rng(0)
+    direction = jax.tree.map(lambda p: rng.normal(size=p.shape), state)
+    norm = math.sqrt(sum(float(np.sum(d ** 2)) for d in jax.tree.leaves(direction)))
+    direction = jax.tree.map(lambda d: jnp.asarray(d / norm, jnp.float32), direction)
+    eps = 1e-2
+    shifted = lambda sign: jax.tree.map(lambda p, d: p + sign * eps * d, state, direction)
+    numeric = (jax.jit(loss)(shifted(1)) - jax.jit(loss)(shifted(-1))) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(numeric, analytic, rtol=2e-2)
 
 
 def test_logprobs_from_logits():

@@ -356,6 +356,29 @@ def test_grad_clip_zero_turns_clipping_off():
         np.testing.assert_allclose(updates["w"], -1e-2, rtol=1e-3)  # Adam's first step: -lr * sign(g)
 
 
+def test_each_training_step_draws_its_own_dropout_masks_from_seed_stage_and_step():
+    from minichat.config import Config
+    from minichat.pretrain import step_dropout_key
+
+    cfg = Config()
+    assert step_dropout_key(cfg, "pretrain", 3) is None  # dropout 0: no key, no masks
+    cfg.model.dropout = 0.1
+    keys = [step_dropout_key(cfg, stage, step) for stage in ("pretrain", "sft") for step in (0, 1)]
+    data = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys}
+    assert len(data) == 4
+    assert np.array_equal(jax.random.key_data(step_dropout_key(cfg, "sft", 1)), jax.random.key_data(keys[3]))
+    # and the step uses the key: one step with and one without give different losses
+    mcfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.5)
+    graphdef, params = nnx.split(GPT.init(mcfg, 0), nnx.Param)
+    tx, _ = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0), 10)
+    step = make_train_step(graphdef, tx)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+    batch = {"tokens": tokens, "valid": jnp.ones_like(tokens), "loss_mask": jnp.ones_like(tokens)}
+    copy = lambda: jax.tree.map(jnp.copy, (params, tx.init(params)))  # the step donates its inputs
+    losses = [float(step(*copy(), batch, key)[2]["loss"]) for key in (None, keys[0], keys[0], keys[1])]
+    assert losses[1] == losses[2] and len({losses[0], losses[1], losses[3]}) == 3
+
+
 def _set(cfg, key: str, value):
     import dataclasses
 
@@ -441,7 +464,9 @@ def test_tokenizer_larger_than_the_model_vocab_is_a_clear_error(tiny_corpus, tmp
 
 
 def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_corpus, tmp_path):
-    common = TINY + [f"pretrain.files=[{tiny_corpus}/c.txt]", f"tokenizer.path={tiny_corpus}/tokenizer.json"]
+    # with dropout: the masks after the resume must be those of the uninterrupted run
+    common = TINY + [f"pretrain.files=[{tiny_corpus}/c.txt]", f"tokenizer.path={tiny_corpus}/tokenizer.json",
+                     "model.dropout=0.1"]
     cli(common + ["run_dir=full"], tmp_path)
     killed = cli(common + ["run_dir=killed"], tmp_path, env={"MINICHAT_SIGKILL_AT_STEP": "13"}, check=False)
     assert killed.returncode == -9  # really killed, after the step-8 checkpoint, mid-interval
@@ -452,7 +477,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_corpus, tmp_pa
     again = MetricsLog.read(str(tmp_path / "killed/pretrain/metrics.jsonl"))
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
     assert strip(full) == strip(again) and len(full) == 24 + 1
-    cfg = ModelConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    cfg = ModelConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.1)
     a = nnx.state(restore_params(str(tmp_path / "full"), "pretrain", GPT.init(cfg, 5), cfg), nnx.Param)
     b = nnx.state(restore_params(str(tmp_path / "killed"), "pretrain", GPT.init(cfg, 6), cfg), nnx.Param)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -487,7 +512,7 @@ def test_a_run_killed_in_its_copying_warm_up_resumes_to_the_uninterrupted_run(ti
     assert (tmp_path / "full/pretrain/copy_loss.png").stat().st_size > 0
     warm = read_done(str(tmp_path / "killed"), "pretrain")["copy_warmup"]
     assert warm["steps"] == 16 and warm["eval_loss"] == warm_up[-1]["eval_loss"]
-    cfg = ModelConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    cfg = ModelConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.1)
     a = nnx.state(restore_params(str(tmp_path / "full"), "pretrain", GPT.init(cfg, 5), cfg), nnx.Param)
     b = nnx.state(restore_params(str(tmp_path / "killed"), "pretrain", GPT.init(cfg, 6), cfg), nnx.Param)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
