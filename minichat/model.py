@@ -246,13 +246,14 @@ class CausalSelfAttention(nnx.Module):
 
     def _attend(self, q, k, v, allowed, causal_blocks):
         T = q.shape[2]
-        if not causal_blocks or T <= QUERY_BLOCK or T % QUERY_BLOCK:
+        if not causal_blocks or T <= QUERY_BLOCK:
             return attention(q, k, v, allowed)
         # Causal, so the queries of block [a, b) see only keys [0, b): skip the blocks above
-        # the diagonal (they are all masked), which saves almost half the work.
+        # the diagonal (they are all masked), which saves almost half the work. The last
+        # block may be shorter (SFT's packed rows are 143 tokens: 64 + 64 + 15).
         out = []
         for a in range(0, T, QUERY_BLOCK):
-            b = a + QUERY_BLOCK
+            b = min(a + QUERY_BLOCK, T)
             out.append(attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], allowed[:, :, a:b, :b]))
         return jnp.concatenate(out, axis=2)
 

@@ -436,8 +436,8 @@ def encode_comparisons(tok, rows: list[dict], width: int) -> dict:
 
 
 def sequence_width(tok, rows: list[dict], block_size: int) -> int:
-    """Longest prompt + reply + end, rounded up to the attention's query block (64: causal
-    attention then skips its masked half; the batches are `pack`ed, so a wider row simply
+    """Longest prompt + reply + end, rounded up to the attention's query block (64, so the
+    causal attention's blocks are all whole; the batches are `pack`ed, so a wider row simply
     holds more sequences), capped at the context."""
     from minichat.model import QUERY_BLOCK
     longest = max(len(tok.render_prompt(r["messages"])) + len(tok.render_reply(c)) + 1
