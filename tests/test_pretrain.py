@@ -1,5 +1,6 @@
 """Pretraining: the loss, checkpoints, kill-and-resume, data parallelism, the CLI."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -152,18 +153,21 @@ def test_metrics_log_drops_rows_after_the_resumed_step(tmp_path):
     assert MetricsLog.read(path) == [{"step": s, "loss": float(s)} for s in (1, 2, 3)]
 
 
-def test_data_parallel_step_on_4_devices_equals_one_device():
+@pytest.mark.parametrize("dropout", [0.0, 0.2])  # with dropout: the same masks however sharded
+def test_data_parallel_step_on_4_devices_equals_one_device(dropout):
     assert jax.device_count() >= 4, "conftest sets 8 fake CPU devices"
     tx, _ = make_optimizer(OptimConfig(), 10)
     batch = random_batch(3)
+    cfg = dataclasses.replace(CFG, dropout=dropout)
+    key = jax.random.key(3) if dropout else None
     results = []
     for n, fsdp in ((1, 1), (4, 1), (4, 2)):
         mesh = make_mesh(ParallelConfig(data=-1, fsdp=fsdp), devices=jax.devices()[:n])
-        graphdef, params = nnx.split(GPT.init(CFG, 0), nnx.Param)
+        graphdef, params = nnx.split(GPT.init(cfg, 0), nnx.Param)
         params = shard_state(params, mesh)
         opt_state = jax.jit(tx.init)(params)
         step = make_train_step(graphdef, tx)
-        params, opt_state, metrics = step(params, opt_state, shard_batch(batch, mesh))
+        params, opt_state, metrics = step(params, opt_state, shard_batch(batch, mesh), key)
         if n == 4:
             tokens = shard_batch(batch, mesh)["tokens"]
             assert len({s.device for s in tokens.addressable_shards}) == 4  # really split
