@@ -101,6 +101,10 @@ def pipeline(cfg) -> list[tuple[str, Callable]]:
 _NO_EFFECT = {"stage", "resume", "progress", "compilation_cache", "run_name", "run_dir",
               "parallel", "rounds"}
 _NO_EFFECT_LEAVES = {"checkpoint_every", "keep"}
+# How a stage computes, not what a finished stage's checkpoint is: pretrain in float32 on a
+# laptop, fine-tune in bfloat16 with cuDNN attention on a GPU; and, as nanoGPT allows when
+# fine-tuning, a later stage may train with another dropout rate than an earlier one did.
+_HOW_NOT_WHAT = {"model.attention", "model.dtype", "model.remat", "model.dropout"}
 _ORDER = ("tokenizer", "pretrain", "sft", "comparisons", "reward", "ppo")
 _SECTION = {"tokenizer": "tokenizer", "pretrain": "pretrain", "sft": "sft",
             "comparisons": "reward", "reward": "reward", "ppo": "ppo"}
@@ -115,7 +119,8 @@ def _flat(tree, prefix=""):
 def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
     """The settings a finished `stage` depends on whose value its `config.yaml` records
     differently from `cfg`: its own section, the earlier stages' ones, model, world and seed
-    (the tokenizer: tokenizer, world, seed and the data files)."""
+    (the tokenizer: tokenizer, world, seed and the data files). Settings of how a stage
+    runs (`_HOW_NOT_WHAT`, `_NO_EFFECT`) do not count."""
     path = os.path.join(run_dir, stage, "config.yaml")
     base = stage.split("_r")[0]
     if base not in _ORDER or not os.path.exists(path):
@@ -128,7 +133,7 @@ def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
         sections = {"model", "world", "seed"} | {_SECTION[s] for s in _ORDER[:_ORDER.index(base) + 1]}
         reads = lambda k: k.split(".")[0] in sections
     return [f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(then) | set(now))
-            if reads(k) and k.split(".")[0] not in _NO_EFFECT
+            if reads(k) and k.split(".")[0] not in _NO_EFFECT and k not in _HOW_NOT_WHAT
             and k.split(".")[-1] not in _NO_EFFECT_LEAVES and then.get(k) != now.get(k)]
 
 

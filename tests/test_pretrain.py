@@ -495,6 +495,10 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_corpus, tmp_pa
     assert stale.returncode == 2, stale.stderr
     assert "was done with other settings: pretrain.steps=24 (now 30). Run with resume=false" in stale.stderr
     assert "already done" in cli(common + ["run_dir=killed", "sft.steps=3"], tmp_path).stdout
+    # how a later stage computes is its own choice: another dtype, attention or dropout rate
+    how = ["model.dtype=bfloat16", "model.attention=xla", "model.remat=true", "model.dropout=0.0"]
+    same = [a for a in common if not a.startswith("model.dropout=")]
+    assert "already done" in cli(same + ["run_dir=killed"] + how, tmp_path).stdout
 
 
 def test_a_run_killed_in_its_copying_warm_up_resumes_to_the_uninterrupted_run(tiny_corpus, tmp_path):
