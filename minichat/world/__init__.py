@@ -13,13 +13,7 @@
 from .corpus import generate_corpus
 from .dialogues import FAMILIES, generate_dialogues, to_prompt
 from .judge import CORRECT_THRESHOLD, flawed_replies, is_correct, judge, judge_breakdown
-from .kb import World, build_world
-
-
-def world_from_config(wcfg) -> World:
-    """The World described by a `WorldConfig` (minichat/config.py)."""
-    return build_world(wcfg.seed, n_countries=wcfg.n_countries, n_animals=wcfg.n_animals,
-                       n_people=wcfg.n_people, arith_max=wcfg.arith_max)
+from .kb import World, build_world, world_from_config
 from .labelers import agreement_ceiling, bayes_accuracy, expected_accuracy, rank, win_probability
 
 __all__ = ["FAMILIES", "CORRECT_THRESHOLD", "World", "agreement_ceiling", "bayes_accuracy", "build_world",

@@ -1,6 +1,6 @@
 """`python -m minichat.world export --out DIR`: write ChatWorld data as JSONL.
 
-    python -m minichat.world export --out data/world            # full size (~2.4 MB corpus)
+    python -m minichat.world export --out data/world            # the pipeline's world and sizes
     python -m minichat.world export --out examples/data --small # the tiny checked-in samples
     python -m minichat.world sample --family correction -n 2    # print a few dialogues
 """
@@ -11,10 +11,11 @@ import argparse
 import json
 import sys
 
-from .corpus import DEFAULT_N_DOCS
+from minichat.config import WorldConfig
+
 from .dialogues import FAMILIES, generate_dialogues
 from .export import SMALL, export
-from .kb import build_world
+from .kb import world_from_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("export", help="write every data format into --out")
     ex.add_argument("--out", required=True)
     ex.add_argument("--seed", type=int, default=0)
-    ex.add_argument("--n-docs", type=int, default=DEFAULT_N_DOCS)
-    ex.add_argument("--n-dialogues", type=int, default=4400, help="SFT train dialogues")
+    ex.add_argument("--n-docs", type=int, default=WorldConfig.n_docs)
+    ex.add_argument("--n-dialogues", type=int, default=WorldConfig.n_dialogues, help="SFT train dialogues")
     ex.add_argument("--n-heldout", type=int, default=1100, help="SFT held-out dialogues")
     ex.add_argument("--n-prompts", type=int, default=2200, help="PPO train prompts")
     ex.add_argument("--n-comparisons", type=int, default=2200, help="K-way reward rows")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.cmd == "sample":
-        world = build_world(args.seed)
+        world = world_from_config(WorldConfig(seed=args.seed))
         fams = [args.family] if args.family else None
         for d in generate_dialogues(world, args.n, args.split, args.seed, fams):
             print(json.dumps(d, indent=1, ensure_ascii=False))

@@ -20,12 +20,14 @@ import json
 import random
 from pathlib import Path
 
+from minichat.config import WorldConfig
+
 import numpy as np
 
-from .corpus import DEFAULT_N_DOCS, generate_corpus
+from .corpus import generate_corpus
 from .dialogues import FAMILIES, generate_dialogues, to_prompt
 from .judge import flawed_replies, judge, tokens
-from .kb import World, build_world
+from .kb import World, world_from_config
 from .labelers import rank
 
 
@@ -66,14 +68,16 @@ def pairs(kway: list[dict], seed: int) -> list[dict]:
     return out
 
 
-def export(out: str | Path, *, seed: int = 0, n_docs: int = DEFAULT_N_DOCS,
-           n_dialogues: int = 4400, n_heldout: int = 1100, n_prompts: int = 2200,
+def export(out: str | Path, *, seed: int = 0, n_docs: int = WorldConfig.n_docs,
+           n_dialogues: int = WorldConfig.n_dialogues, n_heldout: int = 1100, n_prompts: int = 2200,
            n_comparisons: int = 2200, k: int = 4, label_noise: float = 0.1,
            length_bias: float = 0.0) -> dict[str, int]:
-    """Write every file into ``out``; returns {file name: number of lines}."""
+    """Write every file into ``out``; returns {file name: number of lines}. The world is
+    the pipeline's (`WorldConfig`'s sizes, with ``seed``), so the files hold the facts that
+    `python -m minichat.train` would train on."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = build_world(seed)
+    world = world_from_config(WorldConfig(seed=seed))
     counts = {}
     docs = generate_corpus(world, n_docs, seed)
     counts["pretrain.jsonl"] = write_jsonl(out / "pretrain.jsonl", ({"text": d} for d in docs))

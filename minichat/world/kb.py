@@ -302,3 +302,12 @@ def build_world(seed: int = 0, n_countries: int = 32, n_animals: int = 24,
                      split=s) for s in person_split]
     return World(seed=seed, countries=countries, animals=animals, people=people,
                  languages=languages, arith_max=arith_max)
+
+
+def world_from_config(wcfg=None) -> World:
+    """The World described by a `WorldConfig` (minichat/config.py; default: the pipeline's)."""
+    if wcfg is None:
+        from minichat.config import WorldConfig
+        wcfg = WorldConfig()
+    return build_world(wcfg.seed, n_countries=wcfg.n_countries, n_animals=wcfg.n_animals,
+                       n_people=wcfg.n_people, arith_max=wcfg.arith_max)
