@@ -297,6 +297,7 @@ _RULES = {
     "pretrain.copy.span_min": (lambda v: v >= 2, "must be >= 2 (a span's first token cannot be copied)"),
     "sft.steps": _positive, "sft.batch_size": _positive, "sft.lm_mix": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "sft.augment": _share, "sft.eval_temperature": _non_negative,
+    "reward.n_flawed": _non_negative,
     "reward.k": (lambda v: K_RANGE[0] <= v <= K_RANGE[1],
                  f"must be in {K_RANGE[0]}..{K_RANGE[1]} (InstructGPT ranks 4 to 9 replies)"),
     "reward.n_prompts": _positive, "reward.n_heldout": _positive, "reward.epochs": _positive,
@@ -360,6 +361,11 @@ def check(cfg) -> None:
     if copy.rows >= cfg.pretrain.batch_size:
         raise ValueError(f"pretrain.copy.rows={copy.rows} must be < pretrain.batch_size="
                          f"{cfg.pretrain.batch_size} (the rest of each batch is the corpus)")
+    r = cfg.reward
+    if r.k + r.with_ideal + r.n_flawed > K_RANGE[1]:  # ChatWorld ranks the extra replies too
+        raise ValueError(f"reward.k={r.k} + reward.with_ideal={int(r.with_ideal)} + reward.n_flawed="
+                         f"{r.n_flawed} = {r.k + r.with_ideal + r.n_flawed} replies per prompt; at "
+                         f"most {K_RANGE[1]} are ranked (lower reward.k or reward.n_flawed)")
     optims = {name: getattr(cfg, name).optim for name in ("pretrain", "sft", "reward", "ppo")}
     for name, optim in {**optims, "pretrain.copy": copy.optim}.items():
         for key, (ok, reason) in {"lr": _positive, "warmup_steps": _non_negative, "min_lr_ratio": _share,

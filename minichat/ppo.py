@@ -371,8 +371,10 @@ def adaptive_kl_update(kl_coef, kl, *, target: float, horizon: float, n_steps):
 
 
 def best_of_n_kl(n):
-    """Analytic KL(best-of-n || base) = log n - (n - 1) / n (Stiennon et al. 2020 appendix;
-    Gao et al. 2022). 0 at n = 1, increasing in n."""
+    """The analytic KL(best-of-n || base) = log n - (n - 1) / n (Stiennon et al. 2020
+    appendix; Gao et al. 2022). 0 at n = 1, increasing in n. Exact when the base policy never
+    samples the same reply twice; otherwise an upper bound (Beirami et al. 2024), loose for
+    a nearly deterministic policy, whose best-of-n is closer to it than plotted."""
     n = jnp.asarray(n, dtype=jnp.result_type(float))
     return jnp.log(n) - (n - 1.0) / n
 
@@ -904,7 +906,7 @@ def _shard(tree, mesh):
 def best_of_n_baseline(trainer: PPOTrainer, tok, examples, query, query_mask, ns, key,
                        score_fn) -> list[dict]:
     """Sample max(ns) replies per prompt from the REFERENCE (SFT) policy, keep the reward
-    model's best of n; KL(best-of-n || SFT) = log n - (n - 1)/n, analytically.
+    model's best of n; KL(best-of-n || SFT) <= log n - (n - 1)/n (`best_of_n_kl`).
 
     Every n that divides max(ns) is estimated from all max(ns) // n disjoint groups of the same
     samples (a lower-variance estimate than one group). Returns one row per n: n, kl, sqrt_kl,
@@ -1094,6 +1096,11 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     if pcfg.reward_source not in REWARD_SOURCES:
         raise ValueError(f"ppo.reward_source={pcfg.reward_source!r}: expected "
                          f"{' or '.join(map(repr, REWARD_SOURCES))}")
+    from minichat.parallel import batch_divisor
+    if mesh is not None and pcfg.micro_batch_size % batch_divisor(mesh):
+        # micro | minibatch | batch: every update and rollout batch then splits over the mesh
+        raise ValueError(f"ppo.micro_batch_size={pcfg.micro_batch_size} must be divisible by the "
+                         f"{batch_divisor(mesh)} devices of the mesh")
 
     # -- models: policy from `policy_stage`, frozen reference = SFT, value model from the RM --
     policy = restore_params(run_dir, policy_stage, GPT.init(cfg.model, cfg.seed), cfg.model)
@@ -1367,7 +1374,7 @@ def report_markdown(summary: dict, stage: str, has_gold: bool) -> str:
     if has_gold:
         lines += [f"![Over-optimisation](plots/{stage}_overoptimization.png)", "",
                   "Gold and reward-model score against sqrt(KL to SFT): PPO iterations and best-of-n "
-                  "from SFT (KL = log n - (n-1)/n). Where the reward-model score keeps rising and the "
+                  "from SFT (KL <= log n - (n-1)/n, the analytic bound). Where the reward-model score keeps rising and the "
                   "gold score does not, the policy is exploiting the reward model (Gao et al. 2022).", ""]
     if "gold_vs_sft" in summary:
         for m in ("greedy", "sampled"):

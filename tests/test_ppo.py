@@ -368,3 +368,13 @@ def test_rloo_groups_replies_by_prompt_and_leaves_the_value_model_alone():
     assert np.allclose(group_sums, group_sums[0], atol=1e-4)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(value_before),
                                                      jax.tree.leaves(jax.tree.map(np.asarray, tr.value))))
+
+
+def test_a_micro_batch_that_does_not_split_over_the_mesh_is_a_config_error(tmp_path):
+    from minichat.config import ParallelConfig
+    from minichat.parallel import make_mesh
+
+    mesh = make_mesh(ParallelConfig(data=-1), devices=jax.devices()[:4])
+    cfg = Config(ppo=PPOConfig(batch_size=12, minibatch_size=6, micro_batch_size=6))
+    with pytest.raises(ValueError, match=r"^ppo\.micro_batch_size=6 must be divisible by the 4 devices"):
+        ppo.run(cfg, str(tmp_path), tok=None, mesh=mesh)

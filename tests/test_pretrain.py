@@ -415,6 +415,7 @@ def test_config_check_names_every_value_out_of_range():
     ({"pretrain.seq_len": 512}, r"^pretrain\.seq_len=512 must be <= model\.block_size=256"),
     ({"ppo.batch_size": 60}, r"^ppo\.batch_size=60 must be a multiple of ppo\.minibatch_size=16"),
     ({"ppo.advantage": "rloo"}, r"needs ppo\.samples_per_prompt >= 2"),
+    ({"reward.k": 7}, r"^reward\.k=7 \+ reward\.with_ideal=1 \+ reward\.n_flawed=2 = 10 replies per prompt"),
 ])
 def test_config_check_names_values_out_of_range_of_one_another_and_optimizer_settings(values, message):
     from minichat.config import Config, check
