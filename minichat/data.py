@@ -1,6 +1,6 @@
 """Data formats, validation and batching.
 
-Every stage reads JSONL (one object per line) in the formats of DESIGN.md:
+Every stage reads JSONL (one object per line) in these formats (also in docs/00_overview.md, "Your own data"):
 
     pretrain  plain .txt files, or {"text": ...}
     sft       {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}

@@ -273,7 +273,7 @@ def add_reference_replies(cfg, prompts: list[dict], replies: list[list[dict]], *
 def label(prompts: list[dict], replies: list[list[dict]], *, noise: float, length_bias: float,
           seed: int) -> list[dict]:
     """Gold-score every reply, let one simulated labeler rank each prompt's K replies, and
-    return K-way rows in the DESIGN.md format (plus `ended`, `gold`, `family`, `meta`)."""
+    return K-way rows in the format of `minichat.data` (plus `ended`, `gold`, `family`, `meta`)."""
     from minichat.world import judge, rank
     from minichat.world.judge import tokens as words
     gen = np.random.default_rng(seed)
@@ -529,7 +529,8 @@ def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1,
 
     `share_prefix`: the K sequences of each (..., K, T) group are [prompt | reply k], so
     their common prefix (the prompt) is laid out once, followed by each one's own tokens,
-    with "branches" (R, T) (0 = the prefix, k + 1 = sequence k; see `GPT.__call__`). On
+    with "branches" (R, T) (0 = the prefix, then 1, 2, ... for the sequences in the order
+    they are laid out; see `GPT.__call__`). On
     ChatWorld's comparisons that is half the tokens (a 30-token prompt, 7 replies of ~19)
     and 0.55x the rows, and every sequence still gets the reward it would get alone. A
     repeated sequence of a group (a small policy often samples the same reply twice) is
