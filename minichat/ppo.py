@@ -937,7 +937,14 @@ def best_of_n_baseline(trainer: PPOTrainer, tok, examples, query, query_mask, ns
     masks = np.concatenate(masks)[:rows_needed]
     rep_examples = [ex for ex in examples for _ in range(n_max)]
     gold, _ = gold_scores(rep_examples, tok, responses, masks)
-    gold = np.asarray(gold).reshape(K, n_max)
+    return best_of_n_table(rm, np.asarray(gold).reshape(K, n_max), ns)
+
+
+def best_of_n_table(rm: np.ndarray, gold: np.ndarray, ns) -> list[dict]:
+    """Best-of-n from (K prompts, n_max samples) reward-model and gold scores: for every n
+    that divides n_max, each prompt's samples in consecutive groups of n, the reward
+    model's choice in each group; the mean RM and gold score of the chosen replies."""
+    K, n_max = rm.shape
     out = []
     for n in sorted(set(ns)):
         if n_max % n:

@@ -114,6 +114,46 @@ def test_epoch_indices_cover_each_example_once_per_epoch():
     assert sorted(seen) == list(range(20))
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), batch=st.integers(1, 16), seed=st.integers(0, 99))
+def test_every_epoch_draws_distinct_examples_and_all_it_can(n, batch, seed):
+    """In each of three epochs, the n // batch full batches hold distinct examples; when the
+    batch is larger than the data, the one batch per epoch holds every example."""
+    per_epoch = max(n // batch, 1)
+    for epoch in range(3):
+        idx = np.concatenate([epoch_batch_indices(n, epoch * per_epoch + i, batch, seed)
+                              for i in range(per_epoch)])
+        assert idx.min() >= 0 and idx.max() < n
+        if batch <= n:
+            assert len(set(idx.tolist())) == per_epoch * batch
+        else:
+            assert set(idx.tolist()) == set(range(n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(20, 400), batch=st.integers(1, 8), seq_len=st.integers(1, 32),
+       seed=st.integers(0, 99))
+def test_lm_windows_start_at_multiples_of_seq_len_and_each_epoch_sees_distinct_ones(
+        length, batch, seq_len, seed):
+    stream = np.arange(length)  # every token its own position: a row tells where it starts
+    n_windows = (length - 1) // seq_len
+    if n_windows < 1:
+        return
+    per_epoch = max(n_windows // batch, 1)
+    for epoch in range(3):
+        starts = []
+        for i in range(per_epoch):
+            rows = lm_batch(stream, epoch * per_epoch + i, batch, seq_len, seed)
+            assert rows.shape == (batch, seq_len + 1)
+            assert (np.diff(rows, axis=1) == 1).all()  # contiguous
+            assert (rows[:, 0] % seq_len == 0).all() and (rows[:, -1] < length).all()
+            starts += (rows[:, 0] // seq_len).tolist()
+        if batch <= n_windows:  # distinct windows, as many as full batches fit
+            assert len(set(starts)) == per_epoch * batch
+        else:
+            assert set(starts) == set(range(n_windows))
+
+
 def test_pad_rows_left_and_right():
     assert pad_rows([[1, 2], [3]], 3, 0).tolist() == [[1, 2, 0], [3, 0, 0]]
     assert pad_rows([[1, 2], [3]], 3, 0, left=True).tolist() == [[0, 1, 2], [0, 0, 3]]

@@ -443,6 +443,59 @@ def test_logprobs_from_logits():
         np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def _numpy_gpt2(sd: dict, tokens: np.ndarray, mask: np.ndarray, n_head: int) -> np.ndarray:
+    """GPT-2 written again in float64 NumPy from the Hugging Face-named state dict: the
+    reference the model is checked against when torch is not installed (as in CI)."""
+    sd = {k.removeprefix("transformer."): np.asarray(v, np.float64) for k, v in sd.items()}
+
+    def ln(x, name):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
+
+    def linear(x, name):
+        return x @ sd[f"{name}.weight"] + sd[f"{name}.bias"]
+
+    B, T = tokens.shape
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)  # padding skipped, left or right
+    x = sd["wte.weight"][tokens] + sd["wpe.weight"][positions]
+    allowed = np.tril(np.ones((T, T), bool))[None] & (mask[:, None, :] > 0)  # (B, T, S)
+    i = 0
+    while f"h.{i}.ln_1.weight" in sd:
+        q, k, v = np.split(linear(ln(x, f"h.{i}.ln_1"), f"h.{i}.attn.c_attn"), 3, axis=-1)
+        heads = lambda a: a.reshape(B, T, n_head, -1).transpose(0, 2, 1, 3)
+        q, k, v = heads(q), heads(k), heads(v)
+        scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+        scores = np.where(allowed[:, None], scores, -np.inf)
+        scores = np.where(allowed[:, None].any(-1, keepdims=True), scores, 0.0)  # no key: any value
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        y = (p / p.sum(-1, keepdims=True)) @ v
+        x = x + linear(y.transpose(0, 2, 1, 3).reshape(B, T, -1), f"h.{i}.attn.c_proj")
+        h = linear(ln(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")
+        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+        x = x + linear(h, f"h.{i}.mlp.c_proj")
+        i += 1
+    return ln(x, "ln_f") @ sd["wte.weight"].T
+
+
+def test_matches_a_numpy_gpt2_with_every_parameter_random(split):
+    """Logits equal an independent float64 NumPy GPT-2 on right- and left-padded rows. Every
+    parameter is random (GPT-2's init has zero biases and unit LayerNorm scales, which
+    would hide a bias or a LayerNorm scale that is never applied)."""
+    graphdef, state = split
+    leaves, treedef = jax.tree.flatten(state)
+    rng = np.random.default_rng(0)
+    noisy = [leaf + jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype) for leaf in leaves]
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
+    tokens = np.asarray(_tokens(11))
+    mask = np.ones((B, T), np.int32)
+    mask[1, :4] = 0  # left padding
+    mask[2, 7:] = 0  # right padding
+    ref = _numpy_gpt2(gpt2_state_dict(model), tokens, mask, CFG.n_head)
+    out = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask))[0])
+    real = mask > 0
+    np.testing.assert_allclose(out[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
 def test_matches_huggingface_gpt2(gpt):
     """Same weights, same logits as transformers.GPT2LMHeadModel (when torch is installed)."""
     torch = pytest.importorskip("torch")

@@ -3,6 +3,7 @@ experience pass and update, on a tiny model. The pure losses have their golden t
 test_ppo_losses.py; here the point is that the pipeline around them keeps the conventions.
 """
 
+import dataclasses
 import os
 import shutil
 
@@ -132,6 +133,47 @@ def test_masked_positions_are_zero_and_score_on_last_real_token(trainer):
         alone = float(rm(jnp.asarray(seq))[0, -1]) + float(bias)
         np.testing.assert_allclose(scores[b], alone, rtol=1e-4, atol=1e-5)
     assert np.all(last_token_index(gen.mask) == np.asarray(lengths) - 1)
+    # the value of reply token t is V(the state before it): the value model at position
+    # P_real - 1 + t of the unpadded sequence (N-details: values of the *state*, not the action)
+    value = _value_model(trainer)
+    values = np.asarray(rollout.values)
+    for b in (0, 2, 3, 9):
+        prompt = q[b][qm[b] > 0]
+        seq = np.concatenate([prompt, np.asarray(gen.tokens)[b][:lengths[b]]])[None]
+        alone = np.asarray(value(jnp.asarray(seq)))[0, len(prompt) - 1:-1]
+        np.testing.assert_allclose(values[b, :lengths[b]], alone, rtol=1e-4, atol=1e-5)
+
+
+def _value_model(trainer):
+    rest = () if trainer.value_rest is None else (trainer.value_rest,)
+    return nnx.merge(trainer.value_graphdef, trainer.value, *rest)
+
+
+def test_updates_fit_the_value_model_to_the_returns():
+    """GAE's critic learns: a few updates on one rollout move the values toward its returns
+    (the value loss falls), and the reward model it started from is left as it was."""
+    # value clipping off and a larger step: with clip_value 0.2 a value moves at most 0.2
+    # from the rollout's own per update, which is the point of it but slows this test
+    pcfg = dataclasses.replace(PCFG, clip_value=1e3, optim=dataclasses.replace(PCFG.optim, lr=1e-3))
+    trainer = make_trainer("rm", pcfg=pcfg)
+    q, qm = prompts(4)
+    gen = crafted_generation([8, 3, 5, 8, 2, 6, 8, 4] * 2, [True, False] * 8, seed=4)
+    rollout, _, _ = trainer.score(jnp.asarray(q), jnp.asarray(qm), gen)
+    rm_before = jax.tree.map(np.asarray, trainer.reward_params)
+    seq = jnp.concatenate([rollout.query, rollout.response], axis=1)
+    full = jnp.concatenate([rollout.query_mask, rollout.mask], axis=1)
+    m = np.asarray(rollout.mask) > 0
+
+    def value_error():
+        v = np.asarray(ppo.reply_values(_value_model(trainer), seq, full, P))
+        return float(np.mean((v - np.asarray(rollout.returns))[m] ** 2))
+
+    before = value_error()
+    for i in range(5):
+        trainer.train(rollout, jax.random.key(i))
+    assert value_error() < 0.5 * before, (before, value_error())
+    for a, b in zip(jax.tree.leaves(rm_before), jax.tree.leaves(trainer.reward_params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def test_update_ignores_garbage_at_masked_positions(trainer):
@@ -378,3 +420,25 @@ def test_a_micro_batch_that_does_not_split_over_the_mesh_is_a_config_error(tmp_p
     cfg = Config(ppo=PPOConfig(batch_size=12, minibatch_size=6, micro_batch_size=6))
     with pytest.raises(ValueError, match=r"^ppo\.micro_batch_size=6 must be divisible by the 4 devices"):
         ppo.run(cfg, str(tmp_path), tok=None, mesh=mesh)
+
+
+def test_best_of_n_keeps_the_reward_models_choice_in_each_group():
+    rng = np.random.default_rng(0)
+    K, n_max = 5, 8
+    rm, gold = rng.normal(size=(K, n_max)), rng.normal(size=(K, n_max))
+    table = ppo.best_of_n_table(rm, gold, [1, 2, 3, 4, 8])
+    assert [row["n"] for row in table] == [1, 2, 4, 8]  # 3 does not divide 8: left out
+    for row in table:
+        n = row["n"]
+        chosen_rm, chosen_gold = [], []
+        for k in range(K):
+            for start in range(0, n_max, n):
+                j = start + int(np.argmax(rm[k, start:start + n]))
+                chosen_rm.append(rm[k, j])
+                chosen_gold.append(gold[k, j])
+        assert row["rm"] == pytest.approx(np.mean(chosen_rm))
+        assert row["gold"] == pytest.approx(np.mean(chosen_gold))
+        assert row["kl"] == pytest.approx(np.log(n) - (n - 1) / n, abs=1e-6)
+    assert table[0]["rm"] == pytest.approx(rm.mean()) and table[0]["kl"] == 0.0
+    rms = [row["rm"] for row in table]
+    assert rms == sorted(rms)  # nested groups: the best of more is never worse on the RM

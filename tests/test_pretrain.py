@@ -50,6 +50,14 @@ def test_unigram_baseline_is_the_entropy_of_a_uniform_stream():
     assert unigram_loss(stream, stream, 8) == pytest.approx(np.log(8), rel=1e-3)
 
 
+def test_unigram_baseline_is_the_held_out_cross_entropy_of_smoothed_train_counts():
+    # train: token 0 six times, token 1 twice, tokens 2 and 3 never; add-one counts 7, 3, 1, 1
+    train, val = np.array([0, 0, 0, 0, 0, 0, 1, 1]), np.array([1, 2, 2, 0])
+    expected = -(np.log(3 / 12) + 2 * np.log(1 / 12) + np.log(7 / 12)) / 4
+    assert unigram_loss(train, val, 4) == pytest.approx(expected, rel=1e-12)
+    assert unigram_loss(val, train, 4) != pytest.approx(expected)  # which stream is which matters
+
+
 class CharTokenizer:
     bos_id = 0
 
@@ -358,6 +366,45 @@ def test_grad_clip_zero_turns_clipping_off():
         tx, _ = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=clip), 10)
         updates, _ = tx.update(grads, tx.init(params), params)
         np.testing.assert_allclose(updates["w"], -1e-2, rtol=1e-3)  # Adam's first step: -lr * sign(g)
+
+
+def test_optimizer_matches_a_numpy_adamw_with_clipping_decay_mask_and_schedule():
+    """Three steps of `make_optimizer` against AdamW written out: global-norm clipping,
+    bias-corrected moments, decoupled weight decay on matrices only (not biases or LayerNorm),
+    and the linear-warmup + cosine schedule read at each update's count."""
+    cfg = OptimConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
+                      b1=0.9, b2=0.95, eps=1e-8)
+    total = 10
+    tx, schedule = make_optimizer(cfg, total)
+    end = cfg.lr * cfg.min_lr_ratio
+    lr_ref = lambda c: (cfg.lr * c / cfg.warmup_steps if c < cfg.warmup_steps else
+                        end + (cfg.lr - end) * 0.5 * (1 + np.cos(np.pi * (c - cfg.warmup_steps) /
+                                                               (total - cfg.warmup_steps))))
+    for c in (0, 1, 2, 5, total):
+        np.testing.assert_allclose(float(schedule(c)), lr_ref(c), rtol=1e-6, atol=1e-12)
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=(2,))}
+    grads = [{"w": rng.normal(size=(3, 2)) * 40, "b": rng.normal(size=(2,)) * 40} for _ in range(3)]
+    p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    state = tx.init(p)
+    ref = {k: v.copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(x) for k, x in params.items()}
+    for t, g in enumerate(grads):
+        updates, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, p)
+        p = jax.tree.map(lambda a, b: a + b, p, updates)
+        norm = np.sqrt(sum(np.sum(x ** 2) for x in g.values()))
+        for k in ref:
+            gk = g[k] * min(1.0, cfg.grad_clip / norm)
+            m[k] = cfg.b1 * m[k] + (1 - cfg.b1) * gk
+            v[k] = cfg.b2 * v[k] + (1 - cfg.b2) * gk ** 2
+            step = (m[k] / (1 - cfg.b1 ** (t + 1))) / (np.sqrt(v[k] / (1 - cfg.b2 ** (t + 1))) + cfg.eps)
+            decay = cfg.weight_decay * ref[k] if ref[k].ndim >= 2 else 0.0
+            ref[k] = ref[k] - lr_ref(t) * (step + decay)
+        for k in ref:
+            np.testing.assert_allclose(np.asarray(p[k]), ref[k], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ref["w"], params["w"])  # moved, although the first update's lr is 0
 
 
 def test_each_training_step_draws_its_own_dropout_masks_from_seed_stage_and_step():

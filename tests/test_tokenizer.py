@@ -39,12 +39,15 @@ messages = st.lists(st.fixed_dictionaries({"role": roles, "content": st.text(max
 def test_loss_mask_covers_exactly_assistant_content_and_its_end(tok, msgs):
     ids, mask = tok.render_conversation(msgs)
     assert len(ids) == len(mask) and ids[0] == tok.bos_id
-    # Reference: rebuild the expected mask turn by turn from the plain encodings.
-    expected = [0]
+    # Reference: rebuild the ids and the mask turn by turn from the plain encodings:
+    # <|bos|>, then per turn its role's header, its content and <|end|>.
+    header = {"system": tok.system_id, "user": tok.user_id, "assistant": tok.assistant_id}
+    expected, expected_ids = [0], [tok.bos_id]
     for m in msgs:
-        n = len(tok.encode(m["content"])) + 1  # content + <|end|>
-        expected += [0] + [1 if m["role"] == "assistant" else 0] * n
-    assert mask == expected
+        body = tok.encode(m["content"]) + [tok.end_id]
+        expected += [0] + [1 if m["role"] == "assistant" else 0] * len(body)
+        expected_ids += [header[m["role"]]] + body
+    assert ids == expected_ids and mask == expected
     # Every masked position is assistant content or an end token closing an assistant turn.
     masked_ends = [i for i, (t, k) in enumerate(zip(ids, mask)) if k and t == tok.end_id]
     assert len(masked_ends) == sum(m["role"] == "assistant" for m in msgs)
