@@ -33,6 +33,20 @@ def test_confidence_interval_covers_the_truth_about_95_percent_of_the_time():
     assert 0.91 <= covered / 400 <= 0.99
 
 
+def test_win_rate_interval_by_hand_and_its_coverage():
+    # outcomes 1, 0.5, 1, 0.5: mean 0.75, sample sd sqrt(4 * 0.25**2 / 3), n = 4
+    r = win_rate([1, 0, 1, 1], [0, 0, 0, 1])
+    half = 1.96 * np.sqrt(4 * 0.25 ** 2 / 3) / 2
+    assert r["win_ci"] == pytest.approx([0.75 - half, 0.75 + half])
+    from math import erf, sqrt
+    truth = 0.5 * (1 + erf(0.1 / sqrt(2) / sqrt(2)))  # P(a > b), a - b ~ N(0.1, 2)
+    rng, covered = np.random.default_rng(1), 0
+    for _ in range(400):
+        lo, hi = win_rate(rng.normal(0.1, 1.0, 200), rng.normal(0.0, 1.0, 200))["win_ci"]
+        covered += lo <= truth <= hi
+    assert 0.91 <= covered / 400 <= 0.99
+
+
 def test_family_table_means_per_family_and_overall():
     examples = [{"family": f} for f in ("fact", "fact", "clarify")]
     t = family_table(examples, [1.0, 0.0, 0.5], [True, False, True])

@@ -442,3 +442,36 @@ def test_best_of_n_keeps_the_reward_models_choice_in_each_group():
     assert table[0]["rm"] == pytest.approx(rm.mean()) and table[0]["kl"] == 0.0
     rms = [row["rm"] for row in table]
     assert rms == sorted(rms)  # nested groups: the best of more is never worse on the RM
+
+
+def test_updates_leave_the_reference_policy_frozen():
+    trainer = make_trainer("rm")
+    ref_before = jax.tree.map(np.array, trainer.ref)
+    policy_before = jax.tree.map(np.array, trainer.policy)
+    q, qm = prompts(5)
+    trainer.step(jnp.asarray(q), jnp.asarray(qm), jax.random.key(5))
+    for a, b in zip(jax.tree.leaves(ref_before), jax.tree.leaves(trainer.ref)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert any(not np.array_equal(a, np.asarray(b))
+               for a, b in zip(jax.tree.leaves(policy_before), jax.tree.leaves(trainer.policy)))
+
+
+class _LengthTok:
+    """render_prompt gives one id per word: prompt lengths chosen by the test."""
+
+    def render_prompt(self, messages):
+        return messages[0]["content"].split()
+
+
+def test_prompt_width_holds_95_percent_in_a_multiple_of_16_and_drops_the_rest():
+    lengths = list(range(1, 101))  # 95th percentile 95.05 -> width 96
+    examples = [{"messages": [{"role": "user", "content": "w " * n}]} for n in lengths]
+    width, keep = ppo.choose_prompt_width(_LengthTok(), examples, PPOConfig(prompt_width=0, max_new_tokens=8), 256)
+    assert width == 96 and keep == [i for i, n in enumerate(lengths) if n <= 96]
+    # capped by the context left after the reply; an explicit width wins over the percentile
+    width, _ = ppo.choose_prompt_width(_LengthTok(), examples, PPOConfig(prompt_width=0, max_new_tokens=200), 256)
+    assert width == 56
+    width, keep = ppo.choose_prompt_width(_LengthTok(), examples, PPOConfig(prompt_width=20, max_new_tokens=8), 256)
+    assert width == 20 and len(keep) == 20
+    with pytest.raises(ValueError, match="leaves no room for prompts"):
+        ppo.choose_prompt_width(_LengthTok(), examples, PPOConfig(max_new_tokens=255), 256)
