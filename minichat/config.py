@@ -121,7 +121,9 @@ class PretrainConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 400
+    # Measured on the same pretrained model: 400 steps 0.53 / 0.47 held-out correct (greedy /
+    # sampled), 800 steps 0.58 / 0.51, ~90 s more: paid for by the reward model's one epoch.
+    steps: int = 800
     batch_size: int = 16
     eval_every: int = 50
     checkpoint_every: int = 50
@@ -171,13 +173,13 @@ class RewardConfig:
     sample_temperature: float = 1.0
     max_new_tokens: int = 48
     files: list[str] = field(default_factory=list)  # user's K-way / pairwise JSONL
-    # InstructGPT found that more than one epoch overfits. This reward model is small and its
-    # labels are noisy, and a second epoch helped it (same SFT model and comparisons):
-    # expected held-out accuracy 0.533 -> 0.542, Spearman with gold 0.644 -> 0.662, and 0.629 -> 0.675
-    # where gold differs. It costs ~70 s.
-    epochs: int = 2
+    # One epoch, as InstructGPT (more overfits). This reward model is small and its labels are
+    # noisy, and a second epoch helped it a little (same SFT model and comparisons: expected
+    # held-out accuracy 0.533 -> 0.542, Spearman with gold 0.644 -> 0.662, 0.629 -> 0.675 where
+    # gold differs) for ~85 s, which 400 more SFT steps put to better use (SFTConfig.steps).
+    epochs: int = 1
     batch_size: int = 16  # prompts per batch; each carries all C(K,2) pairs
-    # 768 steps by default (two epochs): 4 held-out evaluations (~1.2 s each) and checkpoints
+    # 384 steps by default (one epoch): 2 held-out evaluations (~1.2 s each) and checkpoints
     eval_every: int = 200
     checkpoint_every: int = 200
     keep: int = 2
