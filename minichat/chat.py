@@ -606,6 +606,8 @@ def repl(chat: Chat, banner: str, out=None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from minichat.checkpoint import quiet_orbax_reads
+    quiet_orbax_reads()
     try:
         args, opts = parse_args(argv)
         locate(opts["run_dir"], opts["stage"], opts["checkpoint"])  # fail fast, before JAX loads

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -126,10 +127,13 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardRestore(abstract(opt_state_like))
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"checkpoint {self.directory}/{step} does not fit the model being restored "
-                f"(saved with model {meta.get('model')}): {str(e).splitlines()[0]}") from None
+        except Exception as e:  # TensorStore raises plain Exceptions for damaged files
+            first = _root_cause(e)
+            if isinstance(e, (KeyError, TypeError)) or "structure" in first or "shape" in first:
+                raise CheckpointError(
+                    f"checkpoint {self.directory}/{step} does not fit the model being restored "
+                    f"(saved with model {meta.get('model')}): {first}") from None
+            raise self._unreadable(step, first) from None
         return out.params, out.get("opt_state"), meta
 
     def read_meta(self, step: int | None = None) -> dict:
@@ -137,7 +141,18 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # an empty step directory (a cut-off copy), a damaged file
+            raise self._unreadable(step, _root_cause(e)) from None
+
+    def _unreadable(self, step: int, why: str) -> CheckpointError:
+        """A damaged checkpoint: say which, and how to go back to the one before it."""
+        earlier = [s for s in self.manager.all_steps() if s < step]
+        way = (f"delete {self.directory}/{step} to resume from step {max(earlier)}" if earlier
+               else f"delete {self.directory}/{step}")
+        return CheckpointError(f"checkpoint {self.directory}/{step} is incomplete or damaged ({why}); "
+                               f"{way}, or redo the stage with resume=false")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -146,6 +161,24 @@ class Checkpointer:
         _OPEN.discard(self)
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def quiet_orbax_reads() -> None:
+    """For the command-line tools: a damaged checkpoint fails several of Orbax's concurrent
+    reads, and asyncio logs each unretrieved one (80 lines of TensorStore spec) beside our
+    one-line error. Nothing else in minichat uses asyncio."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def _root_cause(e: BaseException, limit: int = 200) -> str:
+    """The first line of the innermost exception behind `e` (Orbax wraps TensorStore's
+    "OUT_OF_RANGE: ... is not valid for value of size 0" in several generic ones)."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    return first if len(first) <= limit else first[:limit] + "..."
 
 
 def abstract(tree):

@@ -277,6 +277,8 @@ def _undeclared(obj, prefix: str = ""):
 
 
 def main() -> None:
+    from minichat.checkpoint import quiet_orbax_reads
+    quiet_orbax_reads()
     check_overrides(sys.argv[1:])
     _hydra_main()
 

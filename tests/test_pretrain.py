@@ -118,6 +118,27 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_damaged_or_empty_checkpoint_is_one_clear_error_naming_the_way_back(tmp_path):
+    """A checkpoint cut off after Orbax finalised it (a full disk, an interrupted copy): the
+    error names the step and the one to fall back to, not TensorStore's traceback."""
+    params = nnx.split(GPT.init(CFG, 0), nnx.Param)[1]
+    directory = tmp_path / "ck"
+    ckpt = Checkpointer(str(directory), keep=3)
+    for step in (2, 4):
+        ckpt.save(step, params, meta={"step": step})
+    ckpt.close()
+    for f in (directory / "4" / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the array data files
+            f.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(directory))}/4 is incomplete "
+                                              rf"or damaged \(.+\); delete .+/4 to resume from step 2"):
+        Checkpointer(str(directory)).restore(None, params)
+    assert Checkpointer(str(directory)).restore(2, params)[2] == {"step": 2}  # the one before is fine
+    (directory / "6").mkdir()  # a numbered directory with nothing in it
+    with pytest.raises(CheckpointError, match=r"/6 is incomplete or damaged .*resume from step 4"):
+        Checkpointer(str(directory)).read_meta()
+
+
 def test_a_half_written_save_is_ignored_and_the_next_save_of_its_step_succeeds(tmp_path):
     """What a kill (or a second Ctrl-C) in the middle of a save leaves: Orbax's temporary
     directory for the step. The resume must take the step before and save over it."""
