@@ -317,6 +317,23 @@ _RULES = {
     "ppo.reward_source": (lambda v: v in REWARD_SOURCES, f"must be one of {', '.join(REWARD_SOURCES)}"),
     "rounds": _non_negative,
     **{f"{stage}.keep": _keep for stage in ("pretrain", "pretrain.copy", "sft", "reward", "ppo")},
+    **{f"{stage}.checkpoint_every": _positive for stage in ("pretrain", "pretrain.copy", "sft", "reward", "ppo")},
+    **{f"{stage}.eval_every": _positive for stage in ("pretrain", "pretrain.copy", "sft", "reward")},
+    # the stage's summary is its held-out loss: at least one batch of it
+    "pretrain.eval_batches": _positive, "pretrain.copy.eval_batches": _positive,
+    "sft.max_new_tokens": _positive, "reward.max_new_tokens": _positive,
+    "reward.heldout_frac": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "ppo.prompt_width": (lambda v: v >= 0, "must be >= 0 (0 = chosen from the prompts)"),
+    "ppo.best_of_n": (lambda v: not isinstance(v, (int, float, str)) and len(v) > 0
+                      and all(n >= 1 for n in v), "must be a non-empty list of n >= 1"),
+    "ppo.best_of_n_prompts": _positive,
+    # every dialogue family needs two of each kind of entity in each split
+    "world.n_countries": (lambda v: v >= 3, "must be >= 3"), "world.n_animals": (lambda v: v >= 2, "must be >= 2"),
+    "world.n_people": (lambda v: v >= 2, "must be >= 2"), "world.arith_max": (lambda v: v >= 2, "must be >= 2"),
+    "world.n_docs": _positive, "world.n_dialogues": (lambda v: v >= 2, "must be >= 2"),
+    "world.n_heldout": _positive,
+    # byte-level BPE starts from the 256 bytes and the chat's special tokens
+    "tokenizer.vocab_size": (lambda v: v > 256 + 6, "must be > 262 (256 bytes + 6 special tokens)"),
 }
 
 
@@ -371,7 +388,10 @@ def check(cfg) -> None:
     optims = {name: getattr(cfg, name).optim for name in ("pretrain", "sft", "reward", "ppo")}
     for name, optim in {**optims, "pretrain.copy": copy.optim}.items():
         for key, (ok, reason) in {"lr": _positive, "warmup_steps": _non_negative, "min_lr_ratio": _share,
-                                  "weight_decay": _non_negative, "grad_clip": _non_negative}.items():
+                                  "weight_decay": _non_negative, "grad_clip": _non_negative,
+                                  "b1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                                  "b2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                                  "eps": _positive}.items():
             if not ok(getattr(optim, key)):
                 raise ValueError(f"{name}.optim.{key}={getattr(optim, key)!r} {reason}")
 

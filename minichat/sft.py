@@ -31,6 +31,9 @@ def demonstrations(cfg, split: str) -> list[dict]:
     """The user's JSONL files if given (train split), else ChatWorld's dialogues."""
     if cfg.sft.files:
         convs = load_conversations(list(cfg.sft.files))
+        if len(convs) < 2:
+            raise ValueError(f"sft.files: {len(convs)} demonstration; at least 2 are needed "
+                             f"(one in 20 is held out for the evaluation loss)")
         n_val = max(1, len(convs) // 20)
         return convs[:-n_val] if split == "train" else convs[-n_val:]
     from minichat.world import world_from_config, generate_dialogues
@@ -164,12 +167,23 @@ def run(cfg, run_dir: str, tok, mesh) -> dict:
     n_rows, width = arrays["tokens"].shape
     print(f"[sft] {len(train):,} demonstrations in {n_rows:,} rows of {width} tokens, "
           f"{int(arrays['loss_mask'].sum()):,} assistant tokens")
+    if not arrays["loss_mask"].any():
+        raise ValueError(f"sft: no assistant token is left to train on: every demonstration's "
+                         f"assistant turns lie beyond the context (model.block_size="
+                         f"{cfg.model.block_size}) once it is cut to fit")
 
     n_lm = min(int(round(bsz * cfg.sft.lm_mix)), bsz - 1)  # at least one demonstration a batch
     get_batch = batch_maker(arrays, bsz, cfg.seed, lm_stream(cfg, tok) if n_lm else None, n_lm)
 
-    eval_batches = [{"tokens": v_tokens[i:i + bsz], "valid": v_valid[i:i + bsz], "loss_mask": v_mask[i:i + bsz]}
-                    for i in range(0, len(v_tokens) - bsz + 1, bsz)][:8]
+    # up to 8 batches of held-out demonstrations; fewer than a batch of them (a small
+    # sft.files) make one smaller batch, still a multiple of the devices
+    div = batch_divisor(mesh)
+    eb = bsz if len(v_tokens) >= bsz else len(v_tokens) // div * div
+    if eb == 0:
+        raise ValueError(f"sft: {len(v_tokens)} held-out demonstrations are fewer than the "
+                         f"{div} devices; give sft.files more lines")
+    eval_batches = [{"tokens": v_tokens[i:i + eb], "valid": v_valid[i:i + eb], "loss_mask": v_mask[i:i + eb]}
+                    for i in range(0, len(v_tokens) - eb + 1, eb)][:8]
     model = restore_params(run_dir, "pretrain", GPT.init(cfg.model, cfg.seed), cfg.model)
     model, rows = fit(model, stage="sft", run_dir=run_dir, cfg=cfg, scfg=cfg.sft, mesh=mesh,
                       get_batch=get_batch, eval_batches=eval_batches,

@@ -82,3 +82,46 @@ def test_packing_keeps_every_conversation_once_and_the_same_loss(tok):
     a = batch_loss(model, as_jnp(packed))
     b = batch_loss(model, as_jnp({"tokens": tokens, "valid": valid, "loss_mask": mask}))
     np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+
+
+def _sft_run(tok, tmp_path, convs, **sft):
+    """The SFT stage for real on `convs` (as sft.files), from a saved random 'pretrained' model."""
+    import json
+
+    import jax
+    from flax import nnx
+
+    from minichat import sft as sft_module
+    from minichat.checkpoint import Checkpointer
+    from minichat.config import Config, ModelConfig, ParallelConfig, SFTConfig
+    from minichat.model import GPT
+    from minichat.parallel import make_mesh
+
+    mcfg = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "demos.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    run_dir = tmp_path / "run"
+    ckpt = Checkpointer(str(run_dir / "pretrain" / "checkpoints"))
+    ckpt.save(1, nnx.state(GPT.init(mcfg, 0), nnx.Param), meta={"step": 1})
+    ckpt.close()
+    cfg = Config(model=mcfg, progress=False, sft=SFTConfig(
+        files=[str(path)], lm_mix=0.0, **{"steps": 2, "eval_every": 1, "checkpoint_every": 1, **sft}))
+    mesh = make_mesh(ParallelConfig(data=1), devices=jax.devices()[:1])
+    return sft_module.run(cfg, str(run_dir), tok, mesh)
+
+
+def test_a_small_demonstration_file_is_evaluated_in_one_smaller_batch(tok, tmp_path):
+    # 30 demonstrations: 1 held out, fewer than a batch of 16 (it used to train, then fail)
+    summary = _sft_run(tok, tmp_path, [conv(3)] * 30, batch_size=16)
+    assert np.isfinite(summary["eval_loss"]) and summary["eval_loss"] > 0
+
+
+def test_unusable_demonstration_files_are_clear_errors(tok, tmp_path):
+    with pytest.raises(ValueError, match="sft.files: 1 demonstration; at least 2 are needed"):
+        _sft_run(tok, tmp_path / "one", [conv(3)])
+    long_user = {"messages": [{"role": "user", "content": "hello " * 60},
+                              {"role": "assistant", "content": "Tamsk"}]}
+    with pytest.warns(UserWarning, match="longer than the context"):
+        with pytest.raises(ValueError, match="no assistant token is left to train on"):
+            _sft_run(tok, tmp_path / "long", [long_user] * 40, batch_size=2)
