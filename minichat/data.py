@@ -72,16 +72,25 @@ def load_texts(paths: Sequence[str]) -> list[str]:
     """Pretraining documents: a .txt file is split on blank lines; JSONL needs "text"."""
     docs: list[str] = []
     for path in paths:
+        n = len(docs)
         if path.endswith(".txt"):
-            if not os.path.exists(path):
-                raise DataError(f"{path}: no such file")
-            with open(path, encoding="utf-8") as f:
-                docs += [d.strip() for d in f.read().split("\n\n") if d.strip()]
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
+            with open(path, "rb") as f:
+                raw = f.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x})") from None
+            docs += [d.strip() for d in text.split("\n\n") if d.strip()]
         else:
             for where, obj in read_jsonl(path):
                 if not isinstance(obj.get("text"), str):
                     raise DataError(f"{where}: missing string field 'text'")
                 docs.append(obj["text"])
+        if len(docs) == n:
+            raise DataError(f"{path}: no data (the file is empty or blank)")
     return docs
 
 

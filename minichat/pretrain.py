@@ -337,6 +337,11 @@ def run(cfg, run_dir: str, tok, mesh) -> dict:
         if size % batch_divisor(mesh):
             raise ValueError(f"{key}={size} must be divisible by the {batch_divisor(mesh)} devices of the mesh")
     train, val = split_streams(corpus_documents(cfg), tok)
+    for name, stream in (("training", train), ("held-out", val)):
+        if len(stream) < seq_len + 1:  # the held-out part is the last 5% of the documents
+            raise ValueError(f"pretrain: the {name} text has {len(stream):,} tokens, fewer than one "
+                             f"window of pretrain.seq_len + 1 = {seq_len + 1}; give pretrain.files "
+                             f"more text or lower pretrain.seq_len")
     baseline = unigram_loss(train, val, tok.vocab_size)
     print(f"[pretrain] {len(train):,} train / {len(val):,} held-out tokens; "
           f"unigram baseline {baseline:.3f} nats")

@@ -95,6 +95,17 @@ def test_texts_from_txt_and_jsonl(tmp_path):
         load_texts([write(tmp_path, "b2.jsonl", [{"txt": "x"}])])
     with pytest.raises(DataError, match="no such file"):
         load_texts([str(tmp_path / "missing.txt")])
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(DataError, match=r"dir\.txt: a directory, not a file"):
+        load_texts([str(tmp_path / "dir.txt")])
+    (tmp_path / "latin.txt").write_bytes(b"fine\n\ncaf\xe9\n")
+    with pytest.raises(DataError, match=r"latin\.txt:3: not UTF-8 \(byte 0xe9\)"):
+        load_texts([str(tmp_path / "latin.txt")])
+    (tmp_path / "blank.txt").write_text("\n \n\n")
+    with pytest.raises(DataError, match=r"blank\.txt: no data"):
+        load_texts([str(tmp_path / "blank.txt")])
+    with pytest.raises(DataError, match=r"empty\.jsonl: no data"):
+        load_texts([write(tmp_path, "empty.jsonl", [])])
 
 
 def test_lm_batches_are_a_pure_function_of_the_step():

@@ -46,3 +46,14 @@ def test_checked_in_examples_are_up_to_date(tmp_path):
     assert (EXAMPLES / "README.md").exists()
     lines = [len((EXAMPLES / n).read_text().splitlines()) for n in FILES if n.endswith(".jsonl")]
     assert all(10 <= n <= 25 for n in lines)
+
+
+def test_export_to_an_unusable_path_is_one_line(tmp_path, capsys):
+    from minichat.world.__main__ import main
+
+    afile = tmp_path / "a.jsonl"
+    afile.write_text("")
+    assert main(["export", "--out", str(afile), "--small"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {afile}: File exists"
+    assert main(["export", "--out", str(afile / "sub"), "--small"]) == 2
+    assert "Not a directory" in capsys.readouterr().err

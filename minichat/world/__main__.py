@@ -51,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
                  n_prompts=args.n_prompts, n_comparisons=args.n_comparisons)
     if args.small:
         sizes.update(SMALL)
-    counts = export(args.out, seed=args.seed, k=args.k, label_noise=args.label_noise,
-                    length_bias=args.length_bias, **sizes)
+    if not 2 <= args.k <= 9:
+        ap.error(f"--k {args.k}: must be in 2..9 (completions ranked per prompt)")
+    try:
+        counts = export(args.out, seed=args.seed, k=args.k, label_noise=args.label_noise,
+                        length_bias=args.length_bias, **sizes)
+    except OSError as e:  # a path that is a file, on a read-only or missing mount, ...
+        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     for name, n in counts.items():
         print(f"{args.out}/{name}: {n}", file=sys.stderr)
     return 0
