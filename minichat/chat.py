@@ -228,10 +228,15 @@ def load_policy(run_dir: str = os.path.join("runs", DEFAULT_RUN), stage: str | N
 
     from minichat.checkpoint import Checkpointer
     from minichat.model import GPT
-    from minichat.tokenizer import ChatTokenizer
+    from minichat.tokenizer import ChatTokenizer, TokenizerError, fingerprint, recorded_fingerprint
 
     loc = locate(run_dir, stage, checkpoint)
-    tok = ChatTokenizer.load(tokenizer or find_tokenizer(loc))
+    tok_path = tokenizer or find_tokenizer(loc)
+    tok = ChatTokenizer.load(tok_path, given="tokenizer" if tokenizer else None)
+    trained_with = recorded_fingerprint(loc.stage_dir)
+    if trained_with and trained_with != fingerprint(tok_path):
+        raise TokenizerError(f"{tok_path} is not the tokenizer {loc.stage} was trained with "
+                             f"(sha256 {fingerprint(tok_path)}, trained with {trained_with})")
     ckpt = Checkpointer(loc.directory, async_save=False)
     try:
         meta = ckpt.read_meta(loc.step)
@@ -620,13 +625,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from minichat.checkpoint import CheckpointError
     from minichat.model import count_params
+    from minichat.tokenizer import TokenizerError
     from minichat.train import configure_jax
 
     configure_jax(argparse.Namespace(compilation_cache=opts["compilation_cache"]))
     try:
         model, tok, stage = load_policy(opts["run_dir"], opts["stage"], opts["checkpoint"],
                                         opts["tokenizer"])
-    except (NoModelError, CheckpointError, FileNotFoundError) as e:
+    except (NoModelError, CheckpointError, FileNotFoundError, TokenizerError) as e:
         print(f"error: {e}" if not isinstance(e, NoModelError) else e, file=sys.stderr)
         return 2
     chat = Chat(model, tok, system=opts["system"], **{k: opts[k] for k in _SETTINGS})

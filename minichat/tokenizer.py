@@ -18,6 +18,7 @@ like `<|end|>` is encoded as plain bytes (`encode_special_tokens = True`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 
@@ -27,6 +28,10 @@ BOS, SYSTEM, USER, ASSISTANT, END, PAD = (
     "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>")
 SPECIAL_TOKENS = [PAD, BOS, SYSTEM, USER, ASSISTANT, END]  # PAD gets id 0
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used (named in the message)."""
 
 
 class ChatTokenizer:
@@ -96,12 +101,44 @@ class ChatTokenizer:
         os.replace(tmp, path)  # atomic: a killed run never leaves half a tokenizer
 
     @classmethod
-    def load(cls, path: str) -> "ChatTokenizer":
+    def load(cls, path: str, *, given: str | None = None) -> "ChatTokenizer":
+        """The tokenizer saved at `path`. `given` names the option the path came from (e.g.
+        "tokenizer.path"): a missing file is then the user's typo, not a stage to run."""
         if not os.path.exists(path):
+            if given:
+                raise FileNotFoundError(f"{given}={path}: no such file")
             from minichat.chat import train_command  # an error path: the import costs nothing else
             raise FileNotFoundError(f"no tokenizer at {path}; run "
                                     f"`{train_command(os.path.dirname(path) or '.', 'tokenizer')}` first")
-        return cls(Tokenizer.from_file(path))
+        if os.path.isdir(path):
+            raise TokenizerError(f"{path}: a directory, not a tokenizer.json file")
+        try:
+            tokenizer = Tokenizer.from_file(path)
+        except Exception as e:  # the Rust library's errors: "expected ',' or '}' at line 1 ..."
+            raise TokenizerError(f"{path}: not a readable tokenizer file "
+                             f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        try:
+            return cls(tokenizer)
+        except ValueError as e:
+            raise TokenizerError(f"{path}: {e}") from None
+
+
+FINGERPRINT = "tokenizer.sha256"  # in each stage directory: the tokenizer it was trained with
+
+
+def fingerprint(path: str) -> str:
+    """The first 16 hex digits of the tokenizer file's SHA-256: a stage records the one it
+    trained with, so that a model is never read with another tokenizer's ids."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def recorded_fingerprint(stage_dir: str) -> str | None:
+    path = os.path.join(stage_dir, FINGERPRINT)
+    if not os.path.isfile(path):
+        return None  # a stage from before the fingerprints, or the tokenizer stage
+    with open(path) as f:
+        return f.read().strip() or None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> ChatTokenizer:

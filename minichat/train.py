@@ -137,6 +137,22 @@ def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
             and k.split(".")[-1] not in _NO_EFFECT_LEAVES and then.get(k) != now.get(k)]
 
 
+def refuse_stale(cfg, run_dir: str, stage: str) -> None:
+    """A finished stage is reused only if nothing it depends on changed since: its settings
+    (`changed_settings`) and the tokenizer it was trained with (`tokenizer.sha256`)."""
+    from minichat.tokenizer import fingerprint, recorded_fingerprint
+    changed = changed_settings(cfg, run_dir, stage)
+    then = recorded_fingerprint(os.path.join(run_dir, stage))
+    if then and os.path.isfile(tokenizer_path(cfg)) and then != fingerprint(tokenizer_path(cfg)):
+        changed.append(f"tokenizer {tokenizer_path(cfg)} (sha256 {then}, now "
+                       f"{fingerprint(tokenizer_path(cfg))})")
+    if changed:  # reusing it would mix results of two configs without a word
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ValueError(f"{run_dir}/{stage} was done with other settings: "
+                         f"{'; '.join(changed[:3])}{more}. Run with resume=false to redo "
+                         f"it and the stages after it, or choose another run_name")
+
+
 @contextlib.contextmanager
 def set_aside(path: str, redo: bool):
     """`resume=false`: the stage starts from an empty directory, but its old one is only
@@ -165,7 +181,7 @@ def set_aside(path: str, redo: bool):
 def run(cfg) -> None:
     from minichat.checkpoint import is_done, stage_dir
     from minichat.parallel import init_distributed, make_mesh
-    from minichat.tokenizer import ChatTokenizer
+    from minichat.tokenizer import FINGERPRINT, ChatTokenizer, fingerprint
 
     check(cfg)
     configure_jax(cfg)
@@ -186,18 +202,23 @@ def run(cfg) -> None:
             shutil.rmtree(os.path.join(run_dir, stage), ignore_errors=True)  # always rewritten
         redo = not cfg.resume and (cfg.stage == stage or stage != "tokenizer")
         if not redo and is_done(run_dir, stage):
-            changed = changed_settings(cfg, run_dir, stage)
-            if changed:  # reusing it would mix results of two configs without a word
-                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-                raise ValueError(f"{run_dir}/{stage} was done with other settings: "
-                                 f"{'; '.join(changed[:3])}{more}. Run with resume=false to redo "
-                                 f"it and the stages after it, or choose another run_name")
+            refuse_stale(cfg, run_dir, stage)
             print(f"[{stage}] already done in {run_dir}/{stage} (resume=false to redo it)")
             continue
+        if stage == cfg.stage:  # one stage on its own: the finished ones it builds on must fit
+            # (not the tokenizer: fine-tuning an existing run on your own sft.files keeps its
+            # tokenizer, which was trained without them)
+            for earlier in list(fns)[1:list(fns).index(stage)]:
+                if is_done(run_dir, earlier):
+                    refuse_stale(cfg, run_dir, earlier)
         with set_aside(os.path.join(run_dir, stage), redo):
             with open(os.path.join(stage_dir(run_dir, stage), "config.yaml"), "w") as f:
                 f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-            tok = ChatTokenizer.load(tokenizer_path(cfg)) if stage != "tokenizer" else None
+            if stage != "tokenizer" and os.path.isfile(tokenizer_path(cfg)):
+                with open(os.path.join(run_dir, stage, FINGERPRINT), "w") as f:
+                    f.write(fingerprint(tokenizer_path(cfg)) + "\n")
+            tok = (ChatTokenizer.load(tokenizer_path(cfg), given="tokenizer.path" if cfg.tokenizer.path else None)
+                   if stage != "tokenizer" else None)
             if tok is not None and tok.vocab_size > cfg.model.vocab_size:
                 raise ValueError(f"the tokenizer {tokenizer_path(cfg)} has {tok.vocab_size} tokens but "
                                  f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")

@@ -100,6 +100,21 @@ def test_load_policy_restores_the_saved_model(run_dir, policy):
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def test_a_tokenizer_other_than_the_one_the_stage_recorded_is_refused(run_dir, tmp_path):
+    import shutil
+
+    from minichat.tokenizer import FINGERPRINT, TokenizerError, fingerprint
+
+    run = tmp_path / "copy"
+    shutil.copytree(run_dir, run)
+    (run / "sft" / FINGERPRINT).write_text(fingerprint(str(run / "tokenizer.json")) + "\n")
+    chat.load_policy(str(run))  # the one it was trained with: fine
+    other = tmp_path / "other.json"
+    train_tokenizer(SENTENCES[::-1] + ["something else entirely"], 290).save(str(other))
+    with pytest.raises(TokenizerError, match=r"other\.json is not the tokenizer sft was trained with"):
+        chat.load_policy(str(run), tokenizer=str(other))
+
+
 def test_model_shape_from_the_stage_config_when_meta_lacks_it(run_dir, policy, tmp_path):
     import yaml
 

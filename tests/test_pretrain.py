@@ -570,6 +570,26 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_corpus, tmp_pa
     assert "already done" in cli(same + ["run_dir=killed"] + how, tmp_path).stdout
 
 
+def test_a_finished_stage_trained_with_another_tokenizer_or_settings_is_not_reused(tiny_corpus, tmp_path):
+    import shutil
+
+    from minichat.tokenizer import train_tokenizer
+
+    tokenizer = tmp_path / "tok.json"
+    shutil.copy(tiny_corpus / "tokenizer.json", tokenizer)
+    common = TINY + [f"pretrain.files=[{tiny_corpus}/c.txt]", f"tokenizer.path={tokenizer}",
+                     "pretrain.steps=2", "run_dir=run"]
+    cli(common, tmp_path)
+    assert "already done" in cli(common, tmp_path).stdout
+    # a stage run on its own checks the finished stages it builds on too
+    proc = cli(common + ["stage=sft", "pretrain.optim.lr=0.01"], tmp_path, check=False)
+    assert proc.returncode == 2 and "run/pretrain was done with other settings: pretrain.optim.lr" in proc.stderr
+    train_tokenizer([(tiny_corpus / "c.txt").read_text()[::-1]], 300).save(str(tokenizer))  # swapped
+    proc = cli(common, tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"run/pretrain was done with other settings: tokenizer {tokenizer} (sha256" in proc.stderr
+
+
 def test_a_run_killed_in_its_copying_warm_up_resumes_to_the_uninterrupted_run(tiny_corpus, tmp_path):
     common = TINY + [f"pretrain.files=[{tiny_corpus}/c.txt]", f"tokenizer.path={tiny_corpus}/tokenizer.json",
                      "pretrain.steps=8", "pretrain.copy.steps=16", "pretrain.copy.rows=2",
