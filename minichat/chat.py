@@ -159,6 +159,9 @@ def locate(run_dir: str, stage: str | None = None, checkpoint: str | None = None
         sdir = os.path.dirname(directory)
         return Located(directory, step, os.path.basename(sdir), sdir, os.path.dirname(sdir))
     if stage:
+        if stage_rank(stage) is None:  # reward, comparisons, a typo: nothing to talk to
+            raise NoModelError(f"stage={stage} is not a policy: choose pretrain, sft, ppo or "
+                               f"ppo_r<N> (a later RLHF round)")
         directory = os.path.join(run_dir, stage, "checkpoints")
         steps = checkpoint_steps(directory)
         if not steps:
@@ -577,6 +580,9 @@ def _command(chat: Chat, line: str, out) -> bool:
 
 
 def _turn(chat: Chat, text: str, out) -> None:
+    # bytes that are not UTF-8 reach us as lone surrogates (Python's stdin decoding): the
+    # tokenizer takes valid text only, so they become U+FFFD
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     write = lambda piece: (out.write(piece), out.flush())
     try:
         chat.send(text, on_token=write)
@@ -643,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prompt:
         turns: Sequence[str] = args.prompt
     elif not sys.stdin.isatty():
+        if hasattr(sys.stdin, "reconfigure"):  # a stray non-UTF-8 byte must not end the session
+            sys.stdin.reconfigure(errors="surrogateescape")
         turns = sys.stdin  # one user turn per line; /commands work too
     else:
         repl(chat, banner)

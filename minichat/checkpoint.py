@@ -51,8 +51,12 @@ def mark_done(run_dir: str, stage: str, summary: dict) -> None:
 
 
 def read_done(run_dir: str, stage: str) -> dict:
-    with open(os.path.join(run_dir, stage, "DONE.json")) as f:
-        return json.load(f)
+    path = os.path.join(run_dir, stage, "DONE.json")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e}); delete it to redo the stage") from None
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -1242,10 +1242,10 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
             raise FloatingPointError(f"[{stage}] PPO loss became {out['ppo/loss']} at iteration {it + 1}; "
                                      f"lower ppo.optim.lr")
         log.log(out)
-        bar.set_postfix(gold=f"{out.get('gold', float('nan')):+.3f}",
-                        rm=f"{out['objective/scores']:+.3f}", kl=f"{out['objective/kl']:.2f}")
+        gold = {"gold": f"{out['gold']:+.3f}"} if "gold" in out else {}  # ChatWorld prompts only
+        bar.set_postfix(**gold, rm=f"{out['objective/scores']:+.3f}", kl=f"{out['objective/kl']:.2f}")
         if not cfg.progress and ((it + 1) % 5 == 0 or it == start):
-            print(f"[{stage}] it {it + 1}/{pcfg.iterations} gold {out.get('gold', float('nan')):+.3f} "
+            print(f"[{stage}] it {it + 1}/{pcfg.iterations} " + "".join(f"gold {g} " for g in gold.values()) +
                   f"rm {out['objective/scores']:+.3f} kl {out['objective/kl']:.3f} "
                   f"len {out['length']:.1f} ended {out['ended']:.2f} ({out['time/iteration']:.1f}s)")
         if (it + 1) % pcfg.checkpoint_every == 0 or it + 1 == pcfg.iterations:

@@ -125,7 +125,11 @@ def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
     base = stage.split("_r")[0]
     if base not in _ORDER or not os.path.exists(path):
         return []
-    then = _flat(OmegaConf.to_container(OmegaConf.load(path)))
+    try:
+        then = _flat(OmegaConf.to_container(OmegaConf.load(path)))
+    except Exception as e:  # a hand-edited or cut-off file
+        raise ValueError(f"{path}: unreadable ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                         f"run with resume=false to redo the stage") from None
     now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     if base == "tokenizer":
         reads = lambda k: k.split(".")[0] in ("tokenizer", "world", "seed") or k in ("pretrain.files", "sft.files")
@@ -187,6 +191,8 @@ def run(cfg) -> None:
     configure_jax(cfg)
     init_distributed(cfg.parallel)
     run_dir = run_dir_of(cfg)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"run_dir={run_dir} is a file, not a directory")
     os.makedirs(run_dir, exist_ok=True)
     fns = dict(pipeline(cfg))
     if cfg.stage == "all":

@@ -179,6 +179,8 @@ def test_missing_default_run_and_bad_arguments(tmp_path, monkeypatch, capsys):
     for bad in ("temperature=nan", "temperature=inf", "top_p=nan"):
         rc, out, err = _main(capsys, bad)
         assert rc == 2 and f"{bad}: must be a finite number" in err
+    rc, out, err = _main(capsys, "stage=reward")
+    assert rc == 2 and "stage=reward is not a policy: choose pretrain, sft, ppo" in err
 
 
 # --------------------------------------------------------------------------- generation
@@ -297,6 +299,16 @@ def test_stdin_mode_subprocess(run_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["hello there", "hello there"]
     assert "new conversation" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stdin_bytes_that_are_not_utf8_are_replaced_not_a_traceback(run_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "minichat.chat", f"run_dir={run_dir}", "temperature=0",
+         "max_new_tokens=8", f"compilation_cache={TEST_CACHE}"],
+        input=b"caf\xe9\nhi\n", capture_output=True, timeout=120,
+        env={**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr and len(proc.stdout.decode().splitlines()) == 2  # two replies
 
 
 def test_repl_commands(policy, monkeypatch, capsys):
