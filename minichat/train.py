@@ -105,6 +105,9 @@ _NO_EFFECT_LEAVES = {"checkpoint_every", "keep"}
 # laptop, fine-tune in bfloat16 with cuDNN attention on a GPU; and, as nanoGPT allows when
 # fine-tuning, a later stage may train with another dropout rate than an earlier one did.
 _HOW_NOT_WHAT = {"model.attention", "model.dtype", "model.remat", "model.dropout"}
+# reward.* keys that only the reward model's training reads (the comparisons stage does not)
+_RM_TRAINING = tuple(f"reward.{k}" for k in ("optim.", "epochs", "batch_size", "eval_every", "n_norm",
+                                              "continue_rounds", "heldout_frac", "heldout_files"))
 _ORDER = ("tokenizer", "pretrain", "sft", "comparisons", "reward", "ppo")
 _SECTION = {"tokenizer": "tokenizer", "pretrain": "pretrain", "sft": "sft",
             "comparisons": "reward", "reward": "reward", "ppo": "ppo"}
@@ -133,6 +136,9 @@ def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
     now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     if base == "tokenizer":
         reads = lambda k: k.split(".")[0] in ("tokenizer", "world", "seed") or k in ("pretrain.files", "sft.files")
+    elif base == "comparisons":  # sampling and labelling: not how the reward model trains
+        reads = lambda k: (k.split(".")[0] in {"model", "world", "seed", "tokenizer", "pretrain", "sft"}
+                           or (k.startswith("reward.") and not k.startswith(_RM_TRAINING)))
     else:
         sections = {"model", "world", "seed"} | {_SECTION[s] for s in _ORDER[:_ORDER.index(base) + 1]}
         reads = lambda k: k.split(".")[0] in sections

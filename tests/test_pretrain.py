@@ -768,3 +768,22 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_a_config_error(key, tmp_pa
     mesh = make_mesh(ParallelConfig(data=-1), devices=jax.devices()[:4])
     with pytest.raises(ValueError, match=rf"^{re.escape(key)}=6 must be divisible by the 4 devices"):
         pretrain.run(cfg, str(tmp_path), tok=None, mesh=mesh)
+
+
+def test_comparisons_do_not_go_stale_when_only_the_reward_models_training_changes(tmp_path):
+    from omegaconf import OmegaConf
+
+    from minichat.config import Config
+    from minichat.train import changed_settings
+
+    for stage in ("comparisons", "reward"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(Config())))
+    cfg = Config()
+    cfg.reward.optim.lr, cfg.reward.epochs = 1e-3, 2
+    assert changed_settings(cfg, str(tmp_path), "comparisons") == []  # the samples and labels stand
+    assert changed_settings(cfg, str(tmp_path), "reward") == ["reward.epochs=1 (now 2)",
+                                                              "reward.optim.lr=0.0003 (now 0.001)"]
+    cfg.reward.k, cfg.reward.labeler.noise = 5, 2.0
+    changed = changed_settings(cfg, str(tmp_path), "comparisons")
+    assert [c.split("=")[0] for c in changed] == ["reward.k", "reward.labeler.noise"]
