@@ -787,3 +787,22 @@ def test_comparisons_do_not_go_stale_when_only_the_reward_models_training_change
     cfg.reward.k, cfg.reward.labeler.noise = 5, 2.0
     changed = changed_settings(cfg, str(tmp_path), "comparisons")
     assert [c.split("=")[0] for c in changed] == ["reward.k", "reward.labeler.noise"]
+
+
+def test_a_run_dir_that_is_a_file_or_a_cut_off_stage_record_is_one_clear_error(tmp_path):
+    from minichat.checkpoint import read_done
+    from minichat.config import Config
+    from minichat import train
+
+    afile = tmp_path / "notadir"
+    afile.write_text("")
+    cfg = Config(run_dir=str(afile))
+    with pytest.raises(ValueError, match=r"run_dir=.*notadir is a file, not a directory"):
+        train.run(cfg)
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "DONE.json").write_text('{"eval_loss": 0.2,\n')  # cut off
+    with pytest.raises(CheckpointError, match=r"sft/DONE\.json: not valid JSON .*delete it to redo"):
+        read_done(str(tmp_path), "sft")
+    (tmp_path / "sft" / "config.yaml").write_text("model: {n_layer: [\n")
+    with pytest.raises(ValueError, match=r"sft/config\.yaml: unreadable .*resume=false"):
+        train.changed_settings(Config(), str(tmp_path), "sft")
