@@ -86,11 +86,32 @@ def interrupt_after():
             previous(*pending[0])  # the default handler raises KeyboardInterrupt here
 
 
-def close_all() -> None:
+def close_all(interruptible: bool = False) -> None:
     """Let every open Checkpointer finish its in-flight save and close: on Ctrl-C or an
-    error, so the newest save is committed (not left half-written) before the process ends."""
-    for ckpt in list(_OPEN):
-        ckpt.close()
+    error, so the newest save is committed (not left half-written) before the process ends.
+
+    `interruptible`: wait in another thread, polling, so that a Ctrl-C during the wait
+    raises KeyboardInterrupt here. The kernel may deliver SIGINT to any of the process's
+    threads (JAX runs many), and Python raises it only when the main thread next runs
+    bytecode: a main thread blocked in one long lock wait would never see it."""
+    if not interruptible:
+        for ckpt in list(_OPEN):
+            ckpt.close()
+        return
+    failed = []
+
+    def close():
+        try:
+            close_all()
+        except BaseException as e:  # re-raised in the waiting thread
+            failed.append(e)
+
+    worker = threading.Thread(target=close, daemon=True, name="minichat-close")
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if failed:
+        raise failed[0]
 
 
 class Checkpointer:

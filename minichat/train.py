@@ -257,7 +257,7 @@ def _hydra_main(dcfg) -> None:
         print("\ninterrupted: letting the checkpoint in flight commit (Ctrl-C again quits without it)",
               file=sys.stderr, flush=True)
         try:
-            close_all()  # the save in flight commits; the run resumes from it
+            close_all(interruptible=True)  # the save in flight commits; the run resumes from it
         except KeyboardInterrupt:
             # Orbax's save threads may still run, and Python's exit would wait for them: leave
             # now. The half-written step is a temporary directory that the resume ignores.

@@ -654,8 +654,13 @@ def test_ctrl_c_commits_the_save_in_flight_and_says_how_to_resume(tiny_corpus, t
     assert f"resuming from step {last}" in resumed.stdout
 
 
+# The fake training loop returns to Python every 50 ms, as a real one does after every
+# step: the kernel may hand SIGINT to any of JAX's threads, and Python raises
+# KeyboardInterrupt only when the main thread next runs bytecode. The stuck commit blocks
+# in one endless lock wait, as a real hung save would: close_all(interruptible=True) must
+# still hear the second Ctrl-C.
 SAVE_THAT_NEVER_COMMITS = """
-import sys, threading
+import sys, threading, time
 import minichat.checkpoint as checkpoint, minichat.train as train
 
 class Stuck:  # an in-flight save whose commit hangs, and a save thread that never ends
@@ -668,12 +673,29 @@ checkpoint._OPEN.add(stuck)
 
 def training(cfg):
     print("training", flush=True)
-    threading.Event().wait()
+    while True:
+        time.sleep(0.05)
 
 train.run = training
 sys.argv = ["minichat.train", "run_dir=r"]
 train.main()
 """
+
+
+def _sigint_to_a_thread_other_than_main(proc) -> None:
+    """SIGINT to one of the process's other threads (Linux tgkill), where the kernel may
+    deliver a terminal's Ctrl-C; elsewhere, to the process."""
+    import ctypes
+    import platform
+    import signal
+
+    tgkill = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
+    tasks = f"/proc/{proc.pid}/task"
+    others = sorted(int(t) for t in os.listdir(tasks) if int(t) != proc.pid) if os.path.isdir(tasks) else []
+    if tgkill is None or not others:
+        proc.send_signal(signal.SIGINT)
+        return
+    assert ctypes.CDLL(None, use_errno=True).syscall(tgkill, proc.pid, others[0], signal.SIGINT) == 0
 
 
 def test_a_second_ctrl_c_quits_even_when_the_save_in_flight_never_commits(tmp_path):
@@ -695,7 +717,7 @@ def test_a_second_ctrl_c_quits_even_when_the_save_in_flight_never_commits(tmp_pa
         assert line, f"the run ended without saying that it was interrupted (exit {proc.poll()})"
     assert "letting the checkpoint in flight commit (Ctrl-C again quits without it)" in line
     time.sleep(0.5)  # now inside close_all, waiting forever
-    proc.send_signal(signal.SIGINT)
+    _sigint_to_a_thread_other_than_main(proc)  # the hard case, which used to hang
     _, err = proc.communicate()
     watchdog.cancel()
     assert proc.returncode == 130, f"a second Ctrl-C did not end the run (exit {proc.returncode}):\n{err[-3000:]}"
