@@ -231,15 +231,15 @@ def load_policy(run_dir: str = os.path.join("runs", DEFAULT_RUN), stage: str | N
 
     from minichat.checkpoint import Checkpointer
     from minichat.model import GPT
-    from minichat.tokenizer import ChatTokenizer, TokenizerError, fingerprint, recorded_fingerprint
+    from minichat.tokenizer import ChatTokenizer, TokenizerError, fingerprint_change
 
     loc = locate(run_dir, stage, checkpoint)
     tok_path = tokenizer or find_tokenizer(loc)
     tok = ChatTokenizer.load(tok_path, given="tokenizer" if tokenizer else None)
-    trained_with = recorded_fingerprint(loc.stage_dir)
-    if trained_with and trained_with != fingerprint(tok_path):
+    swapped = fingerprint_change(loc.stage_dir, tok_path)
+    if swapped:
         raise TokenizerError(f"{tok_path} is not the tokenizer {loc.stage} was trained with "
-                             f"(sha256 {fingerprint(tok_path)}, trained with {trained_with})")
+                             f"(sha256 {swapped[1]}, trained with {swapped[0]})")
     ckpt = Checkpointer(loc.directory, async_save=False)
     try:
         meta = ckpt.read_meta(loc.step)

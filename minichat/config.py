@@ -285,19 +285,20 @@ class Config:
 _positive = (lambda v: v > 0, "must be > 0")
 _non_negative = (lambda v: v >= 0, "must be >= 0")
 _share = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_below_one = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 # Orbax reads 0 as "keep none": the stage would end with no checkpoint for the next to load
 _keep = (lambda v: v >= 1, "must be >= 1 (the newest checkpoint is what the next stage loads)")
 _RULES = {
     "model.vocab_size": _positive, "model.block_size": _positive, "model.n_layer": _positive,
     "model.n_head": _positive, "model.n_embd": _positive,
-    "model.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.dropout": _below_one,
     "model.attention": (lambda v: v in ATTENTION, f"must be one of {', '.join(ATTENTION)}"),
     "model.dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "pretrain.steps": _positive, "pretrain.batch_size": _positive, "pretrain.seq_len": _non_negative,
     "pretrain.copy.steps": _non_negative, "pretrain.copy.rows": _non_negative,
     "pretrain.copy.batch_size": _positive,
     "pretrain.copy.span_min": (lambda v: v >= 2, "must be >= 2 (a span's first token cannot be copied)"),
-    "sft.steps": _positive, "sft.batch_size": _positive, "sft.lm_mix": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "sft.steps": _positive, "sft.batch_size": _positive, "sft.lm_mix": _below_one,
     "sft.augment": _share, "sft.eval_temperature": _non_negative,
     "reward.n_flawed": _non_negative,
     "reward.k": (lambda v: K_RANGE[0] <= v <= K_RANGE[1],
@@ -389,8 +390,7 @@ def check(cfg) -> None:
     for name, optim in {**optims, "pretrain.copy": copy.optim}.items():
         for key, (ok, reason) in {"lr": _positive, "warmup_steps": _non_negative, "min_lr_ratio": _share,
                                   "weight_decay": _non_negative, "grad_clip": _non_negative,
-                                  "b1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-                                  "b2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                                  "b1": _below_one, "b2": _below_one,
                                   "eps": _positive}.items():
             if not ok(getattr(optim, key)):
                 raise ValueError(f"{name}.optim.{key}={getattr(optim, key)!r} {reason}")

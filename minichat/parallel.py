@@ -141,6 +141,12 @@ def batch_divisor(mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def require_divisible(key: str, size: int, mesh) -> None:
+    """A config error unless a batch of `size` rows (config key `key`) splits over the mesh."""
+    if mesh is not None and size % batch_divisor(mesh):
+        raise ValueError(f"{key}={size} must be divisible by the {batch_divisor(mesh)} devices of the mesh")
+
+
 def gather(x) -> np.ndarray:
     """A (possibly multi-host, batch-sharded) array as one host NumPy array on every process."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

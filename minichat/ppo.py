@@ -1103,11 +1103,9 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     if pcfg.reward_source not in REWARD_SOURCES:
         raise ValueError(f"ppo.reward_source={pcfg.reward_source!r}: expected "
                          f"{' or '.join(map(repr, REWARD_SOURCES))}")
-    from minichat.parallel import batch_divisor
-    if mesh is not None and pcfg.micro_batch_size % batch_divisor(mesh):
-        # micro | minibatch | batch: every update and rollout batch then splits over the mesh
-        raise ValueError(f"ppo.micro_batch_size={pcfg.micro_batch_size} must be divisible by the "
-                         f"{batch_divisor(mesh)} devices of the mesh")
+    from minichat.parallel import require_divisible
+    # micro | minibatch | batch: every update and rollout batch then splits over the mesh
+    require_divisible("ppo.micro_batch_size", pcfg.micro_batch_size, mesh)
 
     # -- models: policy from `policy_stage`, frozen reference = SFT, value model from the RM --
     policy = restore_params(run_dir, policy_stage, GPT.init(cfg.model, cfg.seed), cfg.model)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from minichat.checkpoint import Checkpointer, MetricsLog, mark_done, stage_dir
 from minichat.data import lm_batch, load_texts, pack_documents
 from minichat.model import logprobs_from_logits
-from minichat.parallel import batch_divisor, device_peak_flops, is_main, mesh_size, mfu, shard_batch, shard_state, to_host
+from minichat.parallel import device_peak_flops, is_main, mesh_size, mfu, require_divisible, shard_batch, shard_state, to_host
 
 # {"tokens": (B, T+1) int32, "valid": (B, T+1) 0/1, "loss_mask": (B, T+1) 0/1}, and for
 # packed rows (SFT) "segments": (B, T+1) int32 ids of the sequences sharing a row.
@@ -334,8 +334,7 @@ def run(cfg, run_dir: str, tok, mesh) -> dict:
     if cfg.pretrain.copy.steps:
         batches["pretrain.copy.batch_size"] = cfg.pretrain.copy.batch_size
     for key, size in batches.items():
-        if size % batch_divisor(mesh):
-            raise ValueError(f"{key}={size} must be divisible by the {batch_divisor(mesh)} devices of the mesh")
+        require_divisible(key, size, mesh)
     train, val = split_streams(corpus_documents(cfg), tok)
     for name, stream in (("training", train), ("held-out", val)):
         if len(stream) < seq_len + 1:  # the held-out part is the last 5% of the documents

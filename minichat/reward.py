@@ -256,9 +256,9 @@ def add_reference_replies(cfg, prompts: list[dict], replies: list[list[dict]], *
     rcfg = cfg.reward
     if not (rcfg.with_ideal or rcfg.n_flawed):
         return replies
-    if rcfg.k + rcfg.with_ideal + rcfg.n_flawed > 9:
+    if rcfg.k + rcfg.with_ideal + rcfg.n_flawed > K_RANGE[1]:  # config.check says so at start-up
         raise ValueError(f"reward.k + with_ideal + n_flawed = {rcfg.k + rcfg.with_ideal + rcfg.n_flawed}; "
-                         f"at most 9 completions are ranked per prompt")
+                         f"at most {K_RANGE[1]} completions are ranked per prompt")
     world, rng = world_from_config(cfg.world), random.Random(seed)
     out = []
     for p, reps in zip(prompts, replies):
@@ -883,13 +883,11 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", stage: str =
     from minichat.checkpoint import is_done, mark_done, read_done, restore_params, stage_dir
     from minichat.evaluate import plot_curves
     from minichat.model import GPT, ScalarGPT
-    from minichat.parallel import batch_divisor
+    from minichat.parallel import require_divisible
 
     t0 = time.perf_counter()
     rcfg = cfg.reward
-    if rcfg.batch_size % batch_divisor(mesh):
-        raise ValueError(f"reward.batch_size={rcfg.batch_size} must be divisible by the "
-                         f"{batch_divisor(mesh)} devices of the mesh")
+    require_divisible("reward.batch_size", rcfg.batch_size, mesh)
     if not rcfg.files and not is_done(run_dir, comparisons_stage):
         run_comparisons(cfg, run_dir, tok, mesh, policy_stage=policy_stage, stage=comparisons_stage)
     train_rows, heldout_rows = comparison_data(cfg, run_dir, comparisons_stage)

@@ -23,7 +23,7 @@ import numpy as np
 
 from minichat.checkpoint import mark_done, restore_params, stage_dir
 from minichat.data import epoch_batch_indices, first_fit, lm_batch, load_conversations, pad_rows
-from minichat.parallel import batch_divisor
+from minichat.parallel import batch_divisor, require_divisible
 from minichat.pretrain import fit
 
 
@@ -156,8 +156,7 @@ def run(cfg, run_dir: str, tok, mesh) -> dict:
 
     t0 = time.perf_counter()
     bsz = cfg.sft.batch_size
-    if bsz % batch_divisor(mesh):
-        raise ValueError(f"sft.batch_size={bsz} must be divisible by the {batch_divisor(mesh)} devices")
+    require_divisible("sft.batch_size", bsz, mesh)
     train = demonstrations(cfg, "train")
     if cfg.sft.pack:
         arrays = pack_conversations(tok, train, cfg.model.block_size, cfg.seed)

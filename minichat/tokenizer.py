@@ -141,6 +141,16 @@ def recorded_fingerprint(stage_dir: str) -> str | None:
         return f.read().strip() or None
 
 
+def fingerprint_change(stage_dir: str, path: str) -> tuple[str, str] | None:
+    """(recorded, now) when the stage in `stage_dir` was trained with another tokenizer than
+    the file at `path`; None when they match or there is nothing to compare."""
+    then = recorded_fingerprint(stage_dir)
+    if not then or not os.path.isfile(path):
+        return None
+    now = fingerprint(path)
+    return None if now == then else (then, now)
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> ChatTokenizer:
     """Learn byte-level BPE merges on `texts`; the special tokens take the first ids."""
     tok = Tokenizer(models.BPE())

@@ -150,12 +150,11 @@ def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
 def refuse_stale(cfg, run_dir: str, stage: str) -> None:
     """A finished stage is reused only if nothing it depends on changed since: its settings
     (`changed_settings`) and the tokenizer it was trained with (`tokenizer.sha256`)."""
-    from minichat.tokenizer import fingerprint, recorded_fingerprint
+    from minichat.tokenizer import fingerprint_change
     changed = changed_settings(cfg, run_dir, stage)
-    then = recorded_fingerprint(os.path.join(run_dir, stage))
-    if then and os.path.isfile(tokenizer_path(cfg)) and then != fingerprint(tokenizer_path(cfg)):
-        changed.append(f"tokenizer {tokenizer_path(cfg)} (sha256 {then}, now "
-                       f"{fingerprint(tokenizer_path(cfg))})")
+    swapped = fingerprint_change(os.path.join(run_dir, stage), tokenizer_path(cfg))
+    if swapped:
+        changed.append(f"tokenizer {tokenizer_path(cfg)} (sha256 {swapped[0]}, now {swapped[1]})")
     if changed:  # reusing it would mix results of two configs without a word
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise ValueError(f"{run_dir}/{stage} was done with other settings: "

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from minichat.config import WorldConfig
+from minichat.config import K_RANGE, WorldConfig
 
 from .dialogues import FAMILIES, generate_dialogues
 from .export import SMALL, export
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                  n_prompts=args.n_prompts, n_comparisons=args.n_comparisons)
     if args.small:
         sizes.update(SMALL)
-    if not 2 <= args.k <= 9:
-        ap.error(f"--k {args.k}: must be in 2..9 (completions ranked per prompt)")
+    if not K_RANGE[0] <= args.k <= K_RANGE[1]:
+        ap.error(f"--k {args.k}: must be in {K_RANGE[0]}..{K_RANGE[1]} (completions ranked per prompt)")
     try:
         counts = export(args.out, seed=args.seed, k=args.k, label_noise=args.label_noise,
                         length_bias=args.length_bias, **sizes)
