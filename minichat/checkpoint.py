@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from minichat.data import write_jsonl
+from minichat.data import first_line, write_jsonl
 
 
 class CheckpointError(RuntimeError):
@@ -153,7 +153,7 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # TensorStore raises plain Exceptions for damaged files
-            first = _root_cause(e)
+            first = first_line(e, root=True)
             if isinstance(e, (KeyError, TypeError)) or "structure" in first or "shape" in first:
                 raise CheckpointError(
                     f"checkpoint {self.directory}/{step} does not fit the model being restored "
@@ -169,7 +169,7 @@ class Checkpointer:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # an empty step directory (a cut-off copy), a damaged file
-            raise self._unreadable(step, _root_cause(e)) from None
+            raise self._unreadable(step, first_line(e, root=True)) from None
 
     def _unreadable(self, step: int, why: str) -> CheckpointError:
         """A damaged checkpoint: say which, and how to go back to the one before it."""
@@ -193,17 +193,6 @@ def quiet_orbax_reads() -> None:
     reads, and asyncio logs each unretrieved one (80 lines of TensorStore spec) beside our
     one-line error. Nothing else in minichat uses asyncio."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-
-
-def _root_cause(e: BaseException, limit: int = 200) -> str:
-    """The first line of the innermost exception behind `e` (Orbax wraps TensorStore's
-    "OUT_OF_RANGE: ... is not valid for value of size 0" in several generic ones)."""
-    seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    first = (str(e).splitlines() or [type(e).__name__])[0]
-    return first if len(first) <= limit else first[:limit] + "..."
 
 
 def abstract(tree):

@@ -30,6 +30,18 @@ class DataError(ValueError):
     """A data file is malformed; the message says where and why."""
 
 
+def first_line(e: BaseException, *, root: bool = False, limit: int = 200) -> str:
+    """An exception's message as one line for a one-line error: its first non-empty line
+    (the type's name if none), cut at `limit`. `root`: of the innermost exception behind
+    `e` (Orbax wraps TensorStore's "OUT_OF_RANGE: ... value of size 0" in generic ones)."""
+    seen = set()
+    while root and (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
 # ---- reading and validating ----------------------------------------------------------
 def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     """Yield (`file:line` location, object) for each non-blank line."""

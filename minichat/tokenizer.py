@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from minichat.data import first_line
+
 BOS, SYSTEM, USER, ASSISTANT, END, PAD = (
     "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>")
 SPECIAL_TOKENS = [PAD, BOS, SYSTEM, USER, ASSISTANT, END]  # PAD gets id 0
@@ -116,7 +118,7 @@ class ChatTokenizer:
             tokenizer = Tokenizer.from_file(path)
         except Exception as e:  # the Rust library's errors: "expected ',' or '}' at line 1 ..."
             raise TokenizerError(f"{path}: not a readable tokenizer file "
-                             f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+                             f"({first_line(e)})") from None
         try:
             return cls(tokenizer)
         except ValueError as e:

@@ -24,6 +24,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from minichat.config import Config, check  # Config: registers the structured configs  # noqa: F401
+from minichat.data import first_line
 
 
 def configure_jax(cfg) -> None:
@@ -131,7 +132,7 @@ def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
     try:
         then = _flat(OmegaConf.to_container(OmegaConf.load(path)))
     except Exception as e:  # a hand-edited or cut-off file
-        raise ValueError(f"{path}: unreadable ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+        raise ValueError(f"{path}: unreadable ({first_line(e)}); "
                          f"run with resume=false to redo the stage") from None
     now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     if base == "tokenizer":
@@ -282,10 +283,9 @@ def check_overrides(argv: list[str]) -> None:
         with initialize_config_module("minichat.configs", version_base="1.3"):
             cfg = OmegaConf.to_object(compose("config", overrides=overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        first = lambda x: next((ln.strip() for ln in str(x).splitlines() if ln.strip()), "")
-        msg = first(e).replace("Error merging override ", "").rstrip(".:")
+        msg = first_line(e, limit=1000).replace("Error merging override ", "").rstrip(".:")
         if e.__cause__ is not None:
-            msg += f": {first(e.__cause__)}"
+            msg += f": {first_line(e.__cause__, limit=1000)}"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     # `+model.n_layr=8` adds a key instead of failing, and the run would quietly use n_layer's

@@ -191,3 +191,18 @@ def test_first_fit_places_sequences_without_overlap_in_the_first_row_with_room(l
         free[want] -= n
     assert grid.max(initial=0) <= 1 and grid.sum() == sum(lengths)  # no overlap, nothing lost
     assert rows == len(free)
+
+
+def test_first_line_is_one_readable_line():
+    from minichat.data import first_line
+
+    try:
+        try:
+            raise OSError("OUT_OF_RANGE: offset 8 is not valid\nfor value of size 0")
+        except OSError as inner:
+            raise RuntimeError("\n  Failed to restore.\nmore detail") from inner
+    except RuntimeError as e:
+        assert first_line(e) == "Failed to restore."  # blank first lines skipped
+        assert first_line(e, root=True) == "OUT_OF_RANGE: offset 8 is not valid"
+    assert first_line(KeyError()) == "KeyError"  # no message: the type
+    assert first_line(ValueError("x" * 300)) == "x" * 200 + "..."
