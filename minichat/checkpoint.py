@@ -34,6 +34,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or does not fit the model it is restored into."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint's files are incomplete or unreadable (a cut-off copy, a bad disk)."""
+
+
 def stage_dir(run_dir: str, stage: str) -> str:
     path = os.path.join(run_dir, stage)
     os.makedirs(path, exist_ok=True)
@@ -171,13 +175,27 @@ class Checkpointer:
         except Exception as e:  # an empty step directory (a cut-off copy), a damaged file
             raise self._unreadable(step, first_line(e, root=True)) from None
 
-    def _unreadable(self, step: int, why: str) -> CheckpointError:
+    def _unreadable(self, step: int, why: str) -> DamagedCheckpointError:
         """A damaged checkpoint: say which, and how to go back to the one before it."""
         earlier = [s for s in self.manager.all_steps() if s < step]
         way = (f"delete {self.directory}/{step} to resume from step {max(earlier)}" if earlier
                else f"delete {self.directory}/{step}")
-        return CheckpointError(f"checkpoint {self.directory}/{step} is incomplete or damaged ({why}); "
-                               f"{way}, or redo the stage with resume=false")
+        return DamagedCheckpointError(f"checkpoint {self.directory}/{step} is incomplete or damaged ({why}); "
+                                      f"{way}, or redo the stage with resume=false")
+
+    def set_aside(self, step: int) -> str:
+        """Move a damaged step out of the way (to `damaged_checkpoints/` beside this
+        directory, never deleted) so that the stage resumes from the one before it and can
+        later save that step number again. Returns where it went."""
+        where = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints",
+                             f"{os.path.basename(self.directory)}_{step}")
+        n, target = 1, where
+        while os.path.exists(target):
+            n, target = n + 1, f"{where}.{n}"
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -193,6 +211,27 @@ def quiet_orbax_reads() -> None:
     reads, and asyncio logs each unretrieved one (80 lines of TensorStore spec) beside our
     one-line error. Nothing else in minichat uses asyncio."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def restore_newest_readable(checkpointers: dict, restore, stage: str):
+    """`restore(step)` at the newest step that every checkpointer in `checkpointers` (name ->
+    Checkpointer) holds, going back a step whenever one of them is damaged: that step is
+    set aside (`Checkpointer.set_aside`) with a warning, so a copy cut off mid-file costs the
+    steps since the save before it, never the run. Returns restore's result, or None when no
+    step is left. A checkpoint that does not fit the model is still an error."""
+    import warnings
+
+    while True:
+        steps = set.intersection(*(set(c.manager.all_steps()) for c in checkpointers.values()))
+        if not steps:
+            return None
+        step = max(steps)
+        try:
+            return restore(step)
+        except DamagedCheckpointError as e:
+            moved = [c.set_aside(step) for c in checkpointers.values()]
+            warnings.warn(f"[{stage}] {str(e).split('; delete')[0]}; moved to {', '.join(moved)}, "
+                          f"resuming from the checkpoint before it", stacklevel=2)
 
 
 def abstract(tree):

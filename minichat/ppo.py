@@ -1094,7 +1094,8 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     value_checkpoints/ (value model + optimizer), metrics.jsonl, ppo_curves.png,
     overoptimization.png, bon.json and DONE.json (held-out SFT vs PPO gold evaluation and
     `report_md`). Resumes from the newest checkpoint present for both models."""
-    from minichat.checkpoint import Checkpointer, MetricsLog, mark_done, restore_params, stage_dir, write_json
+    from minichat.checkpoint import (Checkpointer, MetricsLog, mark_done, restore_newest_readable,
+                                     restore_params, stage_dir, write_json)
     from minichat.model import GPT, ScalarGPT
 
     t_start = time.perf_counter()
@@ -1198,12 +1199,15 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     ckpt = Checkpointer(os.path.join(sdir, "checkpoints"), keep=pcfg.keep)
     vckpt = Checkpointer(os.path.join(sdir, "value_checkpoints"), keep=pcfg.keep)
     start = 0
-    common = sorted(set(ckpt.manager.all_steps()) & set(vckpt.manager.all_steps())) if cfg.resume else []
-    if common:
-        step = common[-1]
-        trainer.policy, trainer.policy_opt, meta = ckpt.restore(step, trainer.policy, trainer.policy_opt,
-                                                                model_cfg=cfg.model)
-        trainer.value, trainer.value_opt, _ = vckpt.restore(step, trainer.value, trainer.value_opt)
+
+    def restore(step):
+        policy, policy_opt, meta = ckpt.restore(step, trainer.policy, trainer.policy_opt, model_cfg=cfg.model)
+        value, value_opt, _ = vckpt.restore(step, trainer.value, trainer.value_opt)
+        return policy, policy_opt, value, value_opt, meta
+
+    restored = restore_newest_readable({"policy": ckpt, "value": vckpt}, restore, stage) if cfg.resume else None
+    if restored is not None:
+        trainer.policy, trainer.policy_opt, trainer.value, trainer.value_opt, meta = restored
         trainer.kl_coef, start = float(meta["kl_coef"]), int(meta["step"])
         print(f"[ppo] resuming from iteration {start} (kl_coef {trainer.kl_coef:.4g})")
     log = MetricsLog(os.path.join(sdir, "metrics.jsonl"), resume_step=start if start else None)

@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from minichat.checkpoint import Checkpointer, MetricsLog, mark_done, stage_dir
+from minichat.checkpoint import Checkpointer, MetricsLog, mark_done, restore_newest_readable, stage_dir
 from minichat.data import lm_batch, load_texts, pack_documents
 from minichat.model import logprobs_from_logits
 from minichat.parallel import device_peak_flops, is_main, mesh_size, mfu, require_divisible, shard_batch, shard_state, to_host
@@ -154,8 +154,11 @@ def start_training(model, optim_cfg, total_steps: int, mesh, sdir: str, *, keep:
     opt_state = shard_state(jax.jit(tx.init)(params), mesh)
     ckpt = Checkpointer(os.path.join(sdir, "checkpoints"), keep=keep)
     start = 0
-    if cfg.resume and ckpt.latest_step() is not None:
-        params, opt_state, meta = ckpt.restore(None, params, opt_state, model_cfg=cfg.model)
+    restored = restore_newest_readable(
+        {"checkpoints": ckpt}, lambda step: ckpt.restore(step, params, opt_state, model_cfg=cfg.model),
+        stage) if cfg.resume else None
+    if restored is not None:
+        params, opt_state, meta = restored
         start = int(meta["step"])
         print(f"[{stage}] resuming from step {start}")
     log = MetricsLog(os.path.join(sdir, "metrics.jsonl"), resume_step=start if start else None)

@@ -139,6 +139,44 @@ def test_a_damaged_or_empty_checkpoint_is_one_clear_error_naming_the_way_back(tm
         Checkpointer(str(directory)).read_meta()
 
 
+def _damage(step_dir) -> None:
+    for f in (step_dir / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the array data files
+            f.write_bytes(b"")
+
+
+def test_resuming_sets_a_damaged_checkpoint_aside_and_takes_the_one_before(tmp_path):
+    """PPO's policy and value checkpoints go back together: a step is only used when both
+    read. The damaged files are moved, never deleted, and the step can be saved again."""
+    from minichat.checkpoint import restore_newest_readable
+
+    params = nnx.split(GPT.init(CFG, 0), nnx.Param)[1]
+    policy, value = Checkpointer(str(tmp_path / "checkpoints"), keep=3), \
+        Checkpointer(str(tmp_path / "value_checkpoints"), keep=3)
+    for step in (2, 4):
+        for c in (policy, value):
+            c.save(step, params, meta={"step": step})
+        policy.wait(), value.wait()
+    _damage(tmp_path / "value_checkpoints" / "4")
+    both = {"policy": policy, "value": value}
+    restore = lambda step: (policy.restore(step, params)[2], value.restore(step, params)[2])
+    with pytest.warns(UserWarning, match=r"value_checkpoints/4 is incomplete or damaged .*moved to .*"
+                                         r"damaged_checkpoints/checkpoints_4, .*value_checkpoints_4"):
+        assert restore_newest_readable(both, restore, "ppo") == ({"step": 2}, {"step": 2})
+    assert policy.manager.all_steps() == value.manager.all_steps() == [2]
+    assert sorted(p.name for p in (tmp_path / "damaged_checkpoints").iterdir()) == \
+        ["checkpoints_4", "value_checkpoints_4"]
+    policy.save(4, params, meta={"step": 4})  # the step number is free again
+    policy.wait()
+    assert policy.restore(4, params)[2] == {"step": 4}
+    _damage(tmp_path / "checkpoints" / "2")
+    _damage(tmp_path / "checkpoints" / "4")
+    with pytest.warns(UserWarning, match="damaged"):  # nothing readable left: start over
+        assert restore_newest_readable({"policy": policy}, lambda s: policy.restore(s, params), "x") is None
+    assert len(list((tmp_path / "damaged_checkpoints").iterdir())) == 4
+    policy.close(), value.close()
+
+
 def test_a_half_written_save_is_ignored_and_the_next_save_of_its_step_succeeds(tmp_path):
     """What a kill (or a second Ctrl-C) in the middle of a save leaves: Orbax's temporary
     directory for the step. The resume must take the step before and save over it."""
@@ -554,6 +592,17 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_corpus, tmp_pa
     a = nnx.state(restore_params(str(tmp_path / "full"), "pretrain", GPT.init(cfg, 5), cfg), nnx.Param)
     b = nnx.state(restore_params(str(tmp_path / "killed"), "pretrain", GPT.init(cfg, 6), cfg), nnx.Param)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    # a checkpoint damaged after it was written (a cut-off copy): the resume sets it aside,
+    # goes back to the one before and still ends exactly where the uninterrupted run did
+    killed = cli(common + ["run_dir=damaged"], tmp_path, env={"MINICHAT_SIGKILL_AT_STEP": "21"}, check=False)
+    assert killed.returncode == -9
+    _damage(tmp_path / "damaged/pretrain/checkpoints/16")
+    resumed = cli(common + ["run_dir=damaged"], tmp_path)
+    assert "resuming from step 8" in resumed.stdout and "/16 is incomplete or damaged" in resumed.stderr
+    assert strip(full) == strip(MetricsLog.read(str(tmp_path / "damaged/pretrain/metrics.jsonl")))
+    c = nnx.state(restore_params(str(tmp_path / "damaged"), "pretrain", GPT.init(cfg, 7), cfg), nnx.Param)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
         assert np.array_equal(np.asarray(x), np.asarray(y))
     copy = read_done(str(tmp_path / "killed"), "pretrain")["copy_accuracy"]
     assert set(copy) == {"first", "repeat"} and all(0.0 <= v <= 1.0 for v in copy.values())
