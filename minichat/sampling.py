@@ -11,6 +11,8 @@ Batch generation (PPO rollouts, evaluation):
                                   log-prob, which is what PPO needs); 0 where mask is 0.
                                   With temperature 0 (greedy) it is under softmax(logits).
     gen.mask      (B, N) int32    1 for generated tokens up to and including end_id
+    gen.steps     () int32        tokens sampled per row; the loop stops once every row
+                                  has ended, so it is below N when all end early
 
 `prompts` are LEFT-padded (B, P) int32 with `prompt_mask` (B, P) (1 = real token), so that
 every row's last prompt token sits in the last column and all rows decode in lockstep.
@@ -66,6 +68,7 @@ class Generation(NamedTuple):
     tokens: jax.Array  # (B, N) int32, pad_id after a row's end token
     logprobs: jax.Array  # (B, N) float32, log p_T(token) before top-k/top-p; 0 where mask 0
     mask: jax.Array  # (B, N) int32, 1 up to and including the end token
+    steps: jax.Array  # () int32, tokens sampled per row: < N when every row ended early
 
 
 class SamplingSettings(NamedTuple):
@@ -181,6 +184,7 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, set
         tokens=jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(token),
         logprobs=jnp.zeros((B, N), jnp.float32).at[:, 0].set(logprob),
         mask=jnp.zeros((B, N), jnp.int32).at[:, 0].set(1),
+        steps=jnp.asarray(1, jnp.int32),
     )
 
     def cond(carry):
@@ -198,6 +202,7 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, set
             tokens=write(out.tokens, token),
             logprobs=write(out.logprobs, jnp.where(live, logprob, 0.0)),
             mask=write(out.mask, live.astype(jnp.int32)),
+            steps=i + 1,
         )
         done = done | (token == end_id)
         return i + 1, cache, token, done, out

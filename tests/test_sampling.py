@@ -113,6 +113,9 @@ def test_end_token_mask_and_padding(gpt, prompts):
         np.testing.assert_array_equal(gen.mask[b], (np.arange(N) < stop).astype(np.int32))
         np.testing.assert_array_equal(gen.logprobs[b, stop:], 0.0)
         assert np.all(np.asarray(gen.logprobs[b, :stop]) < 0)
+    # the loop runs until the last row ends, and no further
+    assert int(gen.steps) == max(int(np.asarray(gen.mask[b]).sum()) for b in range(B))
+    assert int(greedy.steps) == N  # no end token: all N steps
 
 
 def test_all_rows_end_stops_early(gpt):
@@ -124,6 +127,7 @@ def test_all_rows_end_stops_early(gpt):
     np.testing.assert_array_equal(gen.tokens[:, 0], first)
     np.testing.assert_array_equal(gen.tokens[:, 1:], PAD)
     np.testing.assert_array_equal(gen.mask, np.eye(1, N, dtype=np.int32).repeat(B, 0))
+    assert int(gen.steps) == 1  # the decode loop never ran: everything ended at once
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(gpt, prompts):
