@@ -115,7 +115,9 @@ class PretrainConfig:
     keep: int = 2  # checkpoints kept
     files: list[str] = field(default_factory=list)  # user's .txt / .jsonl ({"text"}) files
     samples: int = 3  # samples printed at the end
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Peak lr, measured on the default pipeline (1600 steps; held-out loss / SFT held-out
+    # correct, greedy, same seed): 3e-3 0.564 / 0.54, 5e-3 0.545 / 0.57, 7e-3 0.556 / 0.52.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-3))
     copy: CopyConfig = field(default_factory=CopyConfig)
 
 
