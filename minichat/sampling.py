@@ -68,7 +68,9 @@ class Generation(NamedTuple):
     tokens: jax.Array  # (B, N) int32, pad_id after a row's end token
     logprobs: jax.Array  # (B, N) float32, log p_T(token) before top-k/top-p; 0 where mask 0
     mask: jax.Array  # (B, N) int32, 1 up to and including the end token
-    steps: jax.Array  # () int32, tokens sampled per row: < N when every row ended early
+    # () int32, tokens sampled per row: < N when every row ended early (None for rollouts
+    # built elsewhere, e.g. PPO on given replies)
+    steps: jax.Array | None = None
 
 
 class SamplingSettings(NamedTuple):
