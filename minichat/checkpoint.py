@@ -37,6 +37,11 @@ class CheckpointError(RuntimeError):
 class DamagedCheckpointError(CheckpointError):
     """A checkpoint's files are incomplete or unreadable (a cut-off copy, a bad disk)."""
 
+    def __init__(self, message: str, what: str | None = None):
+        super().__init__(message)
+        # "checkpoint <dir>/<step> is incomplete or damaged (<why>)", without the advice
+        self.what = what or message
+
 
 def stage_dir(run_dir: str, stage: str) -> str:
     path = os.path.join(run_dir, stage)
@@ -180,8 +185,8 @@ class Checkpointer:
         earlier = [s for s in self.manager.all_steps() if s < step]
         way = (f"delete {self.directory}/{step} to resume from step {max(earlier)}" if earlier
                else f"delete {self.directory}/{step}")
-        return DamagedCheckpointError(f"checkpoint {self.directory}/{step} is incomplete or damaged ({why}); "
-                                      f"{way}, or redo the stage with resume=false")
+        what = f"checkpoint {self.directory}/{step} is incomplete or damaged ({why})"
+        return DamagedCheckpointError(f"{what}; {way}, or redo the stage with resume=false", what)
 
     def set_aside(self, step: int) -> str:
         """Move a damaged step out of the way (to `damaged_checkpoints/` beside this
@@ -230,7 +235,7 @@ def restore_newest_readable(checkpointers: dict, restore, stage: str):
             return restore(step)
         except DamagedCheckpointError as e:
             moved = [c.set_aside(step) for c in checkpointers.values()]
-            warnings.warn(f"[{stage}] {str(e).split('; delete')[0]}; moved to {', '.join(moved)}, "
+            warnings.warn(f"[{stage}] {e.what}; moved to {', '.join(moved)}, "
                           f"resuming from the checkpoint before it", stacklevel=2)
 
 
