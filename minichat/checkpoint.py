@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import threading
+import warnings
 import weakref
 from dataclasses import asdict
 from typing import Any
@@ -224,8 +225,6 @@ def restore_newest_readable(checkpointers: dict, restore, stage: str):
     set aside (`Checkpointer.set_aside`) with a warning, so a copy cut off mid-file costs the
     steps since the save before it, never the run. Returns restore's result, or None when no
     step is left. A checkpoint that does not fit the model is still an error."""
-    import warnings
-
     while True:
         steps = set.intersection(*(set(c.manager.all_steps()) for c in checkpointers.values()))
         if not steps:

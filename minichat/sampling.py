@@ -186,7 +186,6 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, set
         tokens=jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(token),
         logprobs=jnp.zeros((B, N), jnp.float32).at[:, 0].set(logprob),
         mask=jnp.zeros((B, N), jnp.int32).at[:, 0].set(1),
-        steps=jnp.asarray(1, jnp.int32),
     )
 
     def cond(carry):
@@ -204,14 +203,13 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, set
             tokens=write(out.tokens, token),
             logprobs=write(out.logprobs, jnp.where(live, logprob, 0.0)),
             mask=write(out.mask, live.astype(jnp.int32)),
-            steps=i + 1,
         )
         done = done | (token == end_id)
         return i + 1, cache, token, done, out
 
     carry = (jnp.asarray(1, jnp.int32), cache, token, done, out)
-    *_, out = jax.lax.while_loop(cond, body, carry)
-    return out
+    steps, *_, out = jax.lax.while_loop(cond, body, carry)
+    return out._replace(steps=steps)  # the loop's counter: tokens sampled per row
 
 
 def generate(model, prompts, prompt_mask, key, *, max_new_tokens: int,

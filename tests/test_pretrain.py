@@ -118,6 +118,12 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def _damage(step_dir) -> None:
+    for f in (step_dir / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the array data files
+            f.write_bytes(b"")
+
+
 def test_a_damaged_or_empty_checkpoint_is_one_clear_error_naming_the_way_back(tmp_path):
     """A checkpoint cut off after Orbax finalised it (a full disk, an interrupted copy): the
     error names the step and the one to fall back to, not TensorStore's traceback."""
@@ -127,9 +133,7 @@ def test_a_damaged_or_empty_checkpoint_is_one_clear_error_naming_the_way_back(tm
     for step in (2, 4):
         ckpt.save(step, params, meta={"step": step})
     ckpt.close()
-    for f in (directory / "4" / "params").rglob("*"):
-        if f.is_file() and f.parent.name == "d":  # the array data files
-            f.write_bytes(b"")
+    _damage(directory / "4")
     with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(directory))}/4 is incomplete "
                                               rf"or damaged \(.+\); delete .+/4 to resume from step 2"):
         Checkpointer(str(directory)).restore(None, params)
@@ -137,12 +141,6 @@ def test_a_damaged_or_empty_checkpoint_is_one_clear_error_naming_the_way_back(tm
     (directory / "6").mkdir()  # a numbered directory with nothing in it
     with pytest.raises(CheckpointError, match=r"/6 is incomplete or damaged .*resume from step 4"):
         Checkpointer(str(directory)).read_meta()
-
-
-def _damage(step_dir) -> None:
-    for f in (step_dir / "params").rglob("*"):
-        if f.is_file() and f.parent.name == "d":  # the array data files
-            f.write_bytes(b"")
 
 
 def test_resuming_sets_a_damaged_checkpoint_aside_and_takes_the_one_before(tmp_path):
