@@ -255,7 +255,12 @@ def build_clarify(ctx: _Ctx):
         msgs += _ask_arith(ctx)[0]
     q = ctx.pick(f"clarify.{kind}", P.CLARIFY_Q[kind])
     msgs += [ctx.user(q), _assistant(f"Which {kind} do you mean?")]
-    return msgs, {"ask_kind": kind, "kind_words": P.CLARIFY_KIND_WORDS[kind]}
+    # what a guess would name: "Which animal do you mean? The bamil lives in the desert."
+    guesses = {e.name for e in ctx.world.entities(kind)}
+    for attr in KIND_ATTRIBUTES[kind]:
+        guesses.update(ctx.world.choices(attr))
+    return msgs, {"ask_kind": kind, "kind_words": P.CLARIFY_KIND_WORDS[kind],
+                  "guess_words": sorted(guesses)}
 
 
 def _correction_pair(ctx: _Ctx):
@@ -343,7 +348,14 @@ def build_capability(ctx: _Ctx):
         slots.update(p=p.name, c=c.name, cap=c.capital)
     ask = ctx.pick(f"capability.{cap['action']}", cap["asks"]).format(**slots)
     msgs += [ctx.user(ask), _assistant(cap["ideal"].format(**slots))]
-    return msgs, {"action": cap["action"], "pretend": cap["pretend"].format(**slots)}
+    meta = {"action": cap["action"], "pretend": cap["pretend"].format(**slots)}
+    # The offer is about what was asked: "I can tell you that Tistograd is the capital of
+    # Stisar." does not help with the weather in Skograd (seen from an SFT policy).
+    if "{cap}" in cap["ideal"]:
+        meta["others"] = [n for c in ctx.world.countries if c.name != slots["c"] for n in (c.name, c.capital)]
+    elif "{p}" in cap["ideal"]:
+        meta["others"] = [e.name for e in ctx.world.people if e.name != slots["p"]]
+    return msgs, meta
 
 
 def build_summary(ctx: _Ctx):
