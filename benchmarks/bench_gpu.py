@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from minichat.config import ModelConfig, OptimConfig, ParallelConfig, PPOConfig  # noqa: E402
-from minichat.model import GPT, ScalarGPT, count_params, flops_per_token  # noqa: E402
+from minichat.model import GPT, ScalarGPT, flops_per_token  # noqa: E402
 from minichat.parallel import (  # noqa: E402
     lookup_peak_flops,
     make_mesh,

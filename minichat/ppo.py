@@ -1119,7 +1119,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     assert isinstance(value, ScalarGPT)
     reward_params = (rm_state, jnp.float32(bias))
 
-    def reward_fn(params, tokens, mask):
+    def model_reward_fn(params, tokens, mask):
         return reward_score(nnx.merge(rm_graphdef, params[0]), tokens, mask, params[1])
 
     # -- prompts: one fixed width for the whole run (one compile) --
@@ -1131,6 +1131,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
               f"{width} and are left out (ppo.prompt_width sets it)")
         pool = [pool[i] for i in keep]
     pool_q, pool_m = encode_prompts(tok, pool, width)
+    reward_fn = model_reward_fn
     if pcfg.reward_source == "gold":
         if not has_gold:
             raise ValueError("ppo.reward_source=gold needs ChatWorld prompts (the gold judge knows "
