@@ -61,12 +61,13 @@ def test_no_chat_special_tokens_and_heldout_entities_present(world, corpus):
         assert text.count(e.name) >= 30
 
 
-def test_heldout_phrasings_never_in_corpus(corpus):
+def test_heldout_and_rl_phrasings_never_in_corpus(corpus):
     from minichat.world import phrasings as P
 
-    lists = list(P.FACT_Q.values()) + list(P.ARITH_Q.values()) + list(P.CLARIFY_Q.values())
-    lists += [t[k] for t in P.HARM_TOPICS for k in ("harmful", "benign")] + [c["asks"] for c in P.CAPABILITIES]
-    held = [P.template_regex(t[i]) for t in lists for i in P.split_indices(len(t), "heldout")]
+    lists = P.template_lists().values()
+    held = [P.template_regex(t[i]) for t in lists for i in P.split_indices(len(t), "heldout")
+            if not t[i].startswith("{q}")]
+    held += [P.template_regex(t) for ts in P.PROMPT_ONLY.values() for t in ts if not t.startswith("{q}")]
     docs, _ = corpus
     questions = [line[3:] for d in docs[:3000] for line in d.splitlines() if line.startswith("Q: ")]
     questions += [q for d in docs[:3000] for q in re.findall(r'asks? "([^"]+)"', d)]

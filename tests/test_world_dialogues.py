@@ -27,16 +27,7 @@ def heldout(world):
 
 def _all_user_templates():
     """(template id prefix, list) for every user-phrasing list, as dialogues.py names them."""
-    out = [(f"fact.{a}", t) for a, t in P.FACT_Q.items()]
-    out += [(f"followup.{a}", t) for a, t in P.FOLLOWUP_Q.items()]
-    out += [(f"arith.{o}", t) for o, t in P.ARITH_Q.items()] + [("arith.chain", P.ARITH_CHAIN_Q)]
-    out += [(f"premise.{a}", t) for a, t in P.PREMISE_Q.items()]
-    for topic in P.HARM_TOPICS:
-        out += [(f"harmful.{topic['topic']}", topic["harmful"]), (f"benign.{topic['topic']}", topic["benign"])]
-    out += [("benign.pivot", P.BENIGN_PIVOT)] + [(f"clarify.{k}", t) for k, t in P.CLARIFY_Q.items()]
-    out += [("correction", P.CORRECTION_Q), ("note", P.NOTE_Q), ("formal", P.FORMAL_Q), ("summary", P.SUMMARY_Q)]
-    out += [(f"capability.{c['action']}", c["asks"]) for c in P.CAPABILITIES]
-    return out
+    return list(P.template_lists().items())
 
 
 def test_structure(train, heldout):
@@ -107,6 +98,51 @@ def test_no_heldout_template_in_train(train, heldout):
     # positive control: the regexes do recognise held-out phrasings
     finals = [d["messages"][-2]["content"] for d in heldout if d["family"] == "fact"]
     assert all(any(r.fullmatch(q) for r in held_res) for q in finals)
+
+
+def _slots(template):
+    return set(re.findall(r"\{(\w+)\}", template))
+
+
+def test_rl_phrasings_cover_every_list_with_its_slots_and_match_no_other_phrasing():
+    lists = P.template_lists()
+    assert set(P.PROMPT_ONLY) == set(lists)
+    held = [t[i] for t in lists.values() for i in P.split_indices(len(t), "heldout")]
+
+    def fills(a, b):  # `a` is a filling of template `b`
+        return not b.startswith("{q}") and P.template_regex(b).fullmatch(a)
+
+    for key, rl in P.PROMPT_ONLY.items():
+        assert len(rl) >= 3 and len(set(rl)) == len(rl), key
+        known = set().union(*map(_slots, lists[key]))
+        for t in rl:
+            assert _slots(t) <= known, (key, t)
+            # neither fills the other: not the list's own demonstrated or evaluated wordings,
+            # nor any list's held-out one (across lists, shapes may meet: "What sound does the
+            # animal make?" asks for clarification in the shape of a fact question, as in train)
+            for o in set(lists[key]) | set(held):
+                assert not fills(t, o) and not fills(o, t), (key, t, o)
+
+
+def test_rl_dialogues_use_rl_phrasings_and_train_entities(world, train, heldout):
+    rl = generate_dialogues(world, 1100, "train", seed=0, phrasing_split="rl")
+    assert Counter(d["family"] for d in rl) == Counter({f: 100 for f in FAMILIES})
+    ids = [t for d in rl for t in d["meta"]["templates"]]
+    assert ids and all("#rl" in t for t in ids)
+    held = set(world.names("heldout"))
+    assert not any(set(d["meta"]["entities"]) & held for d in rl)
+    # by text: no RL user turn is a filling of a held-out template
+    res = [P.template_regex(t[i]) for t in P.template_lists().values() for i in P.split_indices(len(t), "heldout")
+           if not t[i].startswith("{q}")]
+    for d in rl[:600]:
+        for m in d["messages"]:
+            if m["role"] == "user":
+                assert not any(r.fullmatch(m["content"]) for r in res), m["content"]
+    assert not any("#rl" in t for d in train + heldout for t in d["meta"]["templates"])
+    with pytest.raises(ValueError, match="phrasing_split must be one of"):
+        generate_dialogues(world, 2, "train", phrasing_split="test")
+    with pytest.raises(ValueError, match="split must be one of"):
+        generate_dialogues(world, 2, "rl")
 
 
 def test_correction_marks_the_deliberate_mistake(train):

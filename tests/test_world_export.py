@@ -8,7 +8,7 @@ from minichat.world.__main__ import main
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 FILES = ["pretrain.jsonl", "corpus.txt", "world.json"] + [
     f"{kind}_{split}.jsonl" for kind in ("sft", "prompts", "reward", "reward_pairs")
-    for split in ("train", "heldout")]
+    for split in ("train", "heldout")] + ["prompts_rl.jsonl"]
 
 
 def _rows(path):
@@ -25,6 +25,9 @@ def test_small_export_formats(tmp_path):
     assert main(["export", "--out", str(tmp_path), "--small", "--seed", "0"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
     assert all(isinstance(r["text"], str) and r["text"] for r in _rows(tmp_path / "pretrain.jsonl"))
+    for r in _rows(tmp_path / "prompts_rl.jsonl"):
+        _check_messages(r["messages"], "user")
+        assert r["ideal"] and r["split"] == "train" and any("#rl" in t for t in r["meta"]["templates"])
     for split in ("train", "heldout"):
         for r in _rows(tmp_path / f"sft_{split}.jsonl"):
             _check_messages(r["messages"], "assistant")

@@ -14,7 +14,8 @@ first answer is the mistake being corrected; its message index is listed in
 ``meta["wrong_turns"]`` so that SFT can mask it out of the loss.
 
 The ``heldout`` split uses held-out entities *and* held-out user phrasings (see
-phrasings.py); train dialogues never mention a held-out name.
+phrasings.py); train dialogues never mention a held-out name. The RL stages' prompts are
+train-split dialogues asked in the ``rl`` phrasings (``phrasing_split="rl"``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .kb import ATTRIBUTES, KIND_ATTRIBUTES, World, a_an, fact_sentence, rebutta
 
 FAMILIES = ["fact", "followup", "arithmetic", "false_premise", "harmful", "benign",
             "clarify", "correction", "rewrite", "capability", "summary"]
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout")  # entities (and arithmetic operand pairs)
+PHRASING_SPLITS = ("train", "rl", "heldout")  # user phrasings (phrasings.py)
 _SLOT = {"country": "c", "animal": "a", "person": "p"}
 
 
@@ -54,8 +56,8 @@ class _Ctx:
         self.entities: list[str] = []
 
     def pick(self, key: str, templates: list[str]) -> str:
-        i, t = P.pick(self.rng, templates, self.phrasing_split)
-        self.templates.append(f"{key}#{i}")
+        name, t = P.pick(self.rng, templates, self.phrasing_split, key)
+        self.templates.append(name)
         return t
 
     def entity(self, kind: str, exclude=()):
@@ -394,10 +396,12 @@ def generate_dialogues(world: World, n: int, split: str = "train", seed: int = 0
     ``augment``: share of train-split user turns wrapped in a greeting or a thanks
     (``phrasings.USER_PREFIXES``/``USER_SUFFIXES``); the dialogues are otherwise unchanged.
     ``phrasing_split`` (default: ``split``) picks the user phrasings apart from the
-    entities, so evaluation can tell unseen entities from unseen wordings."""
-    for s in (split, phrasing_split or split):
-        if s not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {s!r}")
+    entities, so evaluation can tell unseen entities from unseen wordings; ``"rl"`` asks in
+    the phrasings only the RL stages' prompts use (``phrasings.PROMPT_ONLY``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if (phrasing_split or split) not in PHRASING_SPLITS:
+        raise ValueError(f"phrasing_split must be one of {PHRASING_SPLITS}, got {phrasing_split!r}")
     families = list(families or FAMILIES)
     unknown = set(families) - set(FAMILIES)
     if unknown:

@@ -3,8 +3,9 @@
     pretrain.jsonl       {"text": ...}                 one document per line
     corpus.txt           the same documents as plain text, blank-line separated
     sft_{train,heldout}.jsonl      {"messages": [...], "family", "split", "meta"}
-    prompts_{train,heldout}.jsonl  {"messages": [... ending with a user turn], "family",
-                                    "split", "meta", "ideal"}
+    prompts_{train,rl,heldout}.jsonl  {"messages": [... ending with a user turn], "family",
+                                    "split", "meta", "ideal"}; "rl": train entities asked in
+                                    the phrasings only the RL stages use (the PPO prompts)
     reward_{train,heldout}.jsonl   K-way: {"messages", "completions", "ranking", "scores", "family"}
     reward_pairs_{train,heldout}.jsonl  TRL style: {"messages", "chosen", "rejected", "family"}
     world.json           the knowledge base itself
@@ -96,6 +97,8 @@ def export(out: str | Path, *, seed: int = 0, n_docs: int = WorldConfig.n_docs,
         counts[f"reward_{split}.jsonl"] = write_jsonl(out / f"reward_{split}.jsonl", kway)
         counts[f"reward_pairs_{split}.jsonl"] = write_jsonl(
             out / f"reward_pairs_{split}.jsonl", pairs(kway, seed + 4))
+    rl = [to_prompt(d) for d in generate_dialogues(world, n_prompts, "train", seed + 5, phrasing_split="rl")]
+    counts["prompts_rl.jsonl"] = write_jsonl(out / "prompts_rl.jsonl", rl)
     (out / "world.json").write_text(json.dumps(world.to_dict(), indent=1) + "\n", encoding="utf-8")
     return counts
 
