@@ -169,8 +169,13 @@ class RewardConfig:
     # 0.71 (Spearman with gold 0.70 -> 0.71); 6144 cost ~3 CPU minutes more than 3072.
     n_prompts: int = 6144
     n_heldout: int = 256  # held-out prompts for RM evaluation
-    # Held-out comparisons: fresh prompts and samples about the SFT entities ("train"), or
-    # about held-out entities ("heldout"), where the policy itself rarely knows the answer.
+    # User phrasings of the comparison prompts: "rl", the wordings that only the RL stages'
+    # prompts use (InstructGPT's reward-model and PPO prompts are not SFT's; docs 03), or
+    # "train", those of the SFT demonstrations, where the policy's samples mostly tie in gold.
+    phrasings: str = "rl"
+    # Held-out comparisons: fresh prompts and samples about the SFT entities in `phrasings`
+    # ("train"), or about held-out entities in held-out phrasings ("heldout"), the prompts
+    # of the final evaluation.
     heldout_split: str = "train"
     sample_temperature: float = 1.0
     max_new_tokens: int = 48
@@ -236,6 +241,8 @@ class PPOConfig:
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     best_of_n_prompts: int = 64  # prompts sampled max(best_of_n) times for the baseline
     n_prompts: int = 4096  # ChatWorld train-split prompts in the rollout pool
+    # their user phrasings: "rl" (never in a demonstration: what PPO can teach) or "train"
+    phrasings: str = "rl"
     # left-padded prompt width; 0 = the smallest multiple of 16 that holds 95% of the prompts
     # (longer ones are left out of the pool, not truncated)
     prompt_width: int = 0
@@ -308,6 +315,7 @@ _RULES = {
     "reward.n_prompts": _positive, "reward.n_heldout": _positive, "reward.epochs": _positive,
     "reward.batch_size": _positive, "reward.sample_temperature": _non_negative,
     "reward.heldout_split": (lambda v: v in ("train", "heldout"), "must be train or heldout"),
+    **{f"{stage}.phrasings": (lambda v: v in ("rl", "train"), "must be rl or train") for stage in ("reward", "ppo")},
     "reward.labeler.noise": _non_negative,
     "ppo.iterations": _positive, "ppo.epochs": _positive, "ppo.batch_size": _positive,
     "ppo.minibatch_size": _positive, "ppo.micro_batch_size": _positive,

@@ -672,13 +672,14 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
 def prompt_pool(cfg) -> list[dict]:
     """Rollout prompts: the user's prompt JSONL (`cfg.ppo.files`, no gold judge) or ChatWorld
     train-split prompts (with `family` / `meta`, so the gold judge scores every rollout).
-    Drawn with their own seed: fresh combinations of train-split entities and phrasings."""
+    Drawn with their own seed: fresh combinations of train-split entities, asked in the
+    phrasings `cfg.ppo.phrasings` (by default "rl": wordings SFT never had a demonstration of)."""
     if cfg.ppo.files:
         from minichat.data import load_prompts
         return load_prompts(list(cfg.ppo.files))
     from minichat.world import world_from_config, generate_dialogues, to_prompt
     dialogues = generate_dialogues(world_from_config(cfg.world), cfg.ppo.n_prompts, "train",
-                                   seed=cfg.world.seed + 11)
+                                   seed=cfg.world.seed + 11, phrasing_split=cfg.ppo.phrasings)
     return [to_prompt(d) for d in dialogues]
 
 
@@ -1308,7 +1309,7 @@ def evaluate_vs_reference(trainer: PPOTrainer, tok, cfg, sdir: str, run_dir: str
     `<stage>/eval.jsonl` (per-prompt records for the report)."""
     from minichat.checkpoint import MetricsLog
     from minichat.evaluate import conversation_text, evaluate_policy, judge_replies, sample_replies, save_eval
-    from minichat.sft import heldout_prompts, seen_prompts
+    from minichat.sft import heldout_prompts
 
     prompts = heldout_prompts(cfg)
     kw = dict(max_new_tokens=cfg.sft.max_new_tokens, temperature=cfg.sft.eval_temperature, seed=cfg.seed)
@@ -1328,10 +1329,11 @@ def evaluate_vs_reference(trainer: PPOTrainer, tok, cfg, sdir: str, run_dir: str
            "gold_vs_sft": {m: paired_difference(res[m]["scores"], ref_scores[m])
                            for m in ("greedy", "sampled")},
            "kl_to_sft": heldout_kl(trainer, tok, prompts)}
-    # The same comparison where PPO trained: a policy that exploits the reward model loses
-    # here first, even while it gains on unseen prompts (docs 04, section 9). Sampled only.
-    train_like = seen_prompts(cfg)
-    seen_scores = [judge_replies(train_like, sample_replies(m, tok, train_like, **kw))[0]
+    # The same comparison where PPO trained, on prompts of its own rollout pool: a policy
+    # that exploits the reward model loses here first, even while it gains on unseen
+    # prompts (docs 04, section 9). Sampled only.
+    rollout_like = prompt_pool(cfg)[:len(prompts)]
+    seen_scores = [judge_replies(rollout_like, sample_replies(m, tok, rollout_like, **kw))[0]
                    for m in (trainer.policy_model(), trainer.ref_model())]
     out["gold_vs_sft_seen"] = paired_difference(*seen_scores)
     samples, seen = [], set()
@@ -1393,7 +1395,7 @@ def report_markdown(summary: dict, stage: str, has_gold: bool) -> str:
                          f"[95% CI {d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], n = {d['n']}")
         if "gold_vs_sft_seen" in summary:
             d = summary["gold_vs_sft_seen"]
-            lines.append(f"- gold on prompts like the training ones (entities and phrasings SFT saw), "
+            lines.append(f"- gold on prompts of PPO's own rollout pool (its entities and phrasings), "
                          f"{stage.upper()} - SFT (sampled): {d['mean']:+.3f} "
                          f"[95% CI {d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], n = {d['n']}")
         lines.append(f"- KL({stage.upper()} || SFT) on held-out prompts: {summary['kl_to_sft']:.3f} nats "

@@ -205,8 +205,9 @@ def prompt_key(row: dict) -> str:
 
 
 def comparison_prompts(cfg, split: str, n: int, stage: str, exclude=frozenset()) -> list[dict]:
-    """ChatWorld prompts for comparisons from the world's `split`. Each stage (one per RLHF
-    round, and its train/held-out halves) draws its own fresh prompts through `stage`.
+    """ChatWorld prompts for comparisons from the world's `split`: its entities, asked in the
+    phrasings `cfg.reward.phrasings` ("train" split) or the held-out ones. Each stage (one per
+    RLHF round, and its train/held-out halves) draws its own fresh prompts through `stage`.
 
     `exclude`: `prompt_key`s that must not come back, with no prompt twice either. The
     train split is finite, so fresh draws repeat training prompts (28% of 256 held-out
@@ -216,7 +217,8 @@ def comparison_prompts(cfg, split: str, n: int, stage: str, exclude=frozenset())
     from minichat.world import world_from_config, generate_dialogues, to_prompt
     seed = cfg.world.seed + 1000 + zlib.crc32(stage.encode()) % 100_000  # not SFT's seeds
     world = world_from_config(cfg.world)
-    draw = lambda m: [to_prompt(d) for d in generate_dialogues(world, m, split, seed=seed)]
+    phrasings = cfg.reward.phrasings if split == "train" else split
+    draw = lambda m: [to_prompt(d) for d in generate_dialogues(world, m, split, seed=seed, phrasing_split=phrasings)]
     if not exclude:
         return draw(n)
     quota = collections.Counter(p["family"] for p in draw(n))

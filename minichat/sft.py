@@ -44,21 +44,9 @@ def demonstrations(cfg, split: str) -> list[dict]:
 
 def heldout_prompts(cfg) -> list[dict]:
     """Held-out prompts (entities and phrasings never seen in SFT), n_heldout per family."""
-    return _eval_prompts(cfg, "heldout", cfg.world.seed + 7)
-
-
-def seen_prompts(cfg) -> list[dict]:
-    """New draws from the training distribution (entities and phrasings SFT saw, where
-    PPO's rollouts come from), n_heldout per family: where over-optimisation shows first.
-    Not held out: that distribution is finite, and 220 of the default 880 repeat an SFT
-    training prompt word for word."""
-    return _eval_prompts(cfg, "train", cfg.world.seed + 11)
-
-
-def _eval_prompts(cfg, split: str, seed: int) -> list[dict]:
     from minichat.world import FAMILIES, world_from_config, generate_dialogues, to_prompt
     dialogues = generate_dialogues(world_from_config(cfg.world), cfg.world.n_heldout * len(FAMILIES),
-                                   split, seed=seed)
+                                   "heldout", seed=cfg.world.seed + 7)
     return [to_prompt(d) for d in dialogues]
 
 

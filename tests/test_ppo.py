@@ -332,13 +332,13 @@ def test_stage_writes_checkpoints_metrics_plots_and_resumes_as_if_never_stopped(
         assert key in rows[0], key
     assert rows[0]["ppo/ratio_first"] == pytest.approx(1.0, abs=1e-6)
     assert "report_md" in read_done(run_dir, "ppo") and summary["iterations"] == 2
-    # evaluation against SFT: held out (greedy and sampled) and on training-like prompts
+    # evaluation against SFT: held out (greedy and sampled) and on prompts of the rollout pool
     n = len(FAMILIES)  # world.n_heldout = 1 prompt per family
     assert {m: summary["gold_vs_sft"][m]["n"] for m in ("greedy", "sampled")} == {"greedy": n, "sampled": n}
     seen = summary["gold_vs_sft_seen"]
     assert seen["n"] == n and seen["ci95"][0] <= seen["mean"] <= seen["ci95"][1]
     report = read_done(run_dir, "ppo")["report_md"]
-    assert "held-out gold, PPO - SFT (greedy)" in report and "prompts like the training ones" in report
+    assert "held-out gold, PPO - SFT (greedy)" in report and "PPO's own rollout pool" in report
     assert [b["n"] for b in summary["best_of_n"]] == [1, 2]
     # the policy checkpoint loads for chat; the value model lives apart
     policy = restore_params(run_dir, "ppo", GPT.init(mc, 0), mc)

@@ -513,3 +513,21 @@ def test_evaluate_expected_accuracy_of_the_gold_order_is_the_best_possible():
     worst = evaluate(-gold, data, rows, lcfg)
     assert worst["expected_accuracy"] == pytest.approx(1 - best["expected_accuracy"])
     assert worst["families"]["fact"]["expected_accuracy"] == pytest.approx(worst["expected_accuracy"])
+
+
+@pytest.mark.parametrize("phrasings", ["rl", "train"])
+def test_rl_stages_prompts_are_asked_in_their_configured_phrasings(phrasings):
+    """Comparisons and PPO rollouts ask about SFT's entities in `phrasings`; the held-out
+    comparisons with `heldout_split=heldout` keep the evaluation's own phrasings."""
+    from minichat.ppo import prompt_pool
+    cfg = Config()
+    cfg.reward.phrasings = cfg.ppo.phrasings = phrasings
+    cfg.ppo.n_prompts = 110
+    for prompts in (comparison_prompts(cfg, "train", 110, "comparisons/train"), prompt_pool(cfg)):
+        ids = [t for p in prompts for t in p["meta"]["templates"]]
+        assert len(prompts) == 110 and ids
+        assert all(("#rl" in t) == (phrasings == "rl") for t in ids)
+        assert {p["split"] for p in prompts} == {"train"}
+    held = comparison_prompts(cfg, "heldout", 110, "comparisons/heldout")
+    assert {p["split"] for p in held} == {"heldout"}
+    assert not any("#rl" in t for p in held for t in p["meta"]["templates"])
