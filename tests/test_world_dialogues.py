@@ -87,6 +87,7 @@ def test_no_heldout_template_in_train(train, heldout):
     held_ids = {f"{k}#{i}" for k, t in lists for i in P.split_indices(len(t), "heldout")}
     train_ids = {tid for d in train for tid in d["meta"]["templates"]}
     assert not (train_ids & held_ids)
+    assert sum("#t" in tid for tid in train_ids) > 300  # the demonstrations use MORE_TRAIN too
     assert {tid for d in heldout for tid in d["meta"]["templates"]} <= held_ids
     # and by text: no training user message is a filling of a held-out template
     held_res = [P.template_regex(t[i]) for _, t in lists for i in P.split_indices(len(t), "heldout")
@@ -104,24 +105,30 @@ def _slots(template):
     return set(re.findall(r"\{(\w+)\}", template))
 
 
-def test_rl_phrasings_cover_every_list_with_its_slots_and_match_no_other_phrasing():
+def test_extra_phrasings_cover_every_list_with_its_slots_and_match_no_other_set():
+    """MORE_TRAIN (demonstrations) and PROMPT_ONLY (RL prompts) extend every template list.
+    Within a list, no phrasing of one set (train, held out, MORE_TRAIN, PROMPT_ONLY) fills,
+    or is filled by, one of another, and neither extra set fills any list's held-out phrasing.
+    (Across lists shapes may meet: "What sound does the animal make?" asks for clarification
+    in the shape of a fact question, as in the train lists themselves.)"""
     lists = P.template_lists()
-    assert set(P.PROMPT_ONLY) == set(lists)
+    assert set(P.MORE_TRAIN) == set(P.PROMPT_ONLY) == set(lists)
     held = [t[i] for t in lists.values() for i in P.split_indices(len(t), "heldout")]
 
     def fills(a, b):  # `a` is a filling of template `b`
         return not b.startswith("{q}") and P.template_regex(b).fullmatch(a)
 
-    for key, rl in P.PROMPT_ONLY.items():
-        assert len(rl) >= 3 and len(set(rl)) == len(rl), key
-        known = set().union(*map(_slots, lists[key]))
-        for t in rl:
-            assert _slots(t) <= known, (key, t)
-            # neither fills the other: not the list's own demonstrated or evaluated wordings,
-            # nor any list's held-out one (across lists, shapes may meet: "What sound does the
-            # animal make?" asks for clarification in the shape of a fact question, as in train)
-            for o in set(lists[key]) | set(held):
-                assert not fills(t, o) and not fills(o, t), (key, t, o)
+    for key, ts in lists.items():
+        known = set().union(*(_slots(t) for i, t in enumerate(ts) if i not in P.split_indices(len(ts), "heldout")))
+        sets = {"train+held": ts, "more_train": P.MORE_TRAIN[key], "rl": P.PROMPT_ONLY[key]}
+        for name in ("more_train", "rl"):
+            extra = sets[name]
+            assert len(extra) >= 4 and len(set(extra)) == len(extra), (key, name)
+            for t in extra:
+                assert _slots(t) <= known, (key, t)
+                others = [o for n, v in sets.items() if n != name for o in v] + held
+                for o in others:
+                    assert not fills(t, o) and not fills(o, t), (key, t, o)
 
 
 def test_rl_dialogues_use_rl_phrasings_and_train_entities(world, train, heldout):
