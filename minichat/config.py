@@ -241,7 +241,8 @@ class PPOConfig:
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     best_of_n_prompts: int = 64  # prompts sampled max(best_of_n) times for the baseline
     n_prompts: int = 4096  # ChatWorld train-split prompts in the rollout pool
-    # their user phrasings: "rl" (never in a demonstration: what PPO can teach) or "train"
+    # their user phrasings: "rl" (never in a demonstration, as InstructGPT's PPO prompts were
+    # not its SFT prompts; docs 04, section 9) or "train" (the demonstrations' own)
     phrasings: str = "rl"
     # left-padded prompt width; 0 = the smallest multiple of 16 that holds 95% of the prompts
     # (longer ones are left out of the pool, not truncated)
