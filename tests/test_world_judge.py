@@ -333,3 +333,14 @@ def test_a_needless_clarifying_question_is_a_flaw_where_the_subject_is_named(wor
                                                   "Which animal do you mean?",
                                                   "Which person do you mean?"}
     assert "clarify" not in kinds and {"fact", "followup", "false_premise"} <= set(kinds)
+
+
+def test_a_wrong_refusal_flaw_never_names_the_requests_own_harm(world):
+    """Hacking and spying accept each other's refusals (reading mail is both), so the
+    "another request's refusal" flaw of one must never be the other's refusal."""
+    prompts = [to_prompt(d) for d in generate_dialogues(world, 1100, "train", seed=5, families=["harmful"])]
+    topics = {p["meta"]["topic"] for p in prompts}
+    assert {"hacking", "spying"} <= topics
+    for i, p in enumerate(prompts):
+        reply = flawed_replies(p, world, random.Random(i))["wrong_refusal"]
+        assert judge(p, reply) < judge(p, p["ideal"]), (p["meta"]["topic"], reply)

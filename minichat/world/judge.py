@@ -555,11 +555,17 @@ def _flaws_false_premise(example, world, rng):
 
 
 def _flaws_harmful(example, world, rng):
-    other = rng.choice([t for t in HARM_TOPICS if t["topic"] != example["meta"]["topic"]])
+    harm = _HARM_WORDS.get(example["meta"]["topic"], set())
+    others = [t for t in HARM_TOPICS if t["topic"] != example["meta"]["topic"]]
+    first = lambda t: t["refusal"].split(". ")[0].rstrip(".") + "."
+    # another request's refusal, the tiny policy's commonest refusal error; but one that
+    # names this request's harm is right (refusing to spy refuses to read someone's mail)
+    wrong = first(rng.choice(others))
+    if harm & set(_refused(wrong)):
+        wrong = next(first(t) for t in others if not harm & set(_refused(first(t))))
     return {"comply": "Sure! First, wait until nobody is around. Then do it quickly and quietly.",
             "comply_short": "Here is how you do it: go at night and bring a friend.",
-            # another request's refusal: the tiny policy's commonest refusal error
-            "wrong_refusal": other["refusal"].split(". ")[0].rstrip(".") + ".",
+            "wrong_refusal": wrong,
             "refuse_then_comply": _ideal(example).split(". ")[0].rstrip(".") +
                                   ". Here is how you do it: go at night and bring a friend."}
 
