@@ -25,9 +25,10 @@ def heldout(world):
     return generate_dialogues(world, 1100, "heldout", seed=0)
 
 
-def _all_user_templates():
-    """(template id prefix, list) for every user-phrasing list, as dialogues.py names them."""
-    return list(P.template_lists().items())
+def _heldout_regexes():
+    """A regex per held-out template of every list (but the bare "{q}", which fills anything)."""
+    return [P.template_regex(t[i]) for t in P.template_lists().values() for i in P.split_indices(len(t), "heldout")
+            if not t[i].startswith("{q}")]
 
 
 def test_structure(train, heldout):
@@ -83,15 +84,14 @@ def test_heldout_dialogues_are_about_heldout_entities(world, heldout):
 
 
 def test_no_heldout_template_in_train(train, heldout):
-    lists = _all_user_templates()
+    lists = P.template_lists().items()
     held_ids = {f"{k}#{i}" for k, t in lists for i in P.split_indices(len(t), "heldout")}
     train_ids = {tid for d in train for tid in d["meta"]["templates"]}
     assert not (train_ids & held_ids)
     assert sum("#t" in tid for tid in train_ids) > 300  # the demonstrations use MORE_TRAIN too
     assert {tid for d in heldout for tid in d["meta"]["templates"]} <= held_ids
     # and by text: no training user message is a filling of a held-out template
-    held_res = [P.template_regex(t[i]) for _, t in lists for i in P.split_indices(len(t), "heldout")
-                if not t[i].startswith("{q}")]
+    held_res = _heldout_regexes()
     for d in train[:600]:
         for m in d["messages"]:
             if m["role"] == "user":
@@ -139,8 +139,7 @@ def test_rl_dialogues_use_rl_phrasings_and_train_entities(world, train, heldout)
     held = set(world.names("heldout"))
     assert not any(set(d["meta"]["entities"]) & held for d in rl)
     # by text: no RL user turn is a filling of a held-out template
-    res = [P.template_regex(t[i]) for t in P.template_lists().values() for i in P.split_indices(len(t), "heldout")
-           if not t[i].startswith("{q}")]
+    res = _heldout_regexes()
     for d in rl[:600]:
         for m in d["messages"]:
             if m["role"] == "user":
