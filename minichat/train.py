@@ -45,13 +45,17 @@ def tokenizer_path(cfg) -> str:
 
 
 def run_tokenizer(cfg, run_dir: str, tok, mesh) -> dict:
-    """Train byte-level BPE on the pretraining corpus and the demonstrations' text."""
+    """Train byte-level BPE on the pretraining corpus.
+
+    Only on the corpus, as GPT-2's BPE was fixed before any fine-tuning: the tokenizer belongs
+    to the pretrained model, so new demonstrations (ChatWorld's or the user's `sft.files`)
+    change the SFT stage and nothing before it, and two SFT data sets can be compared on one
+    pretrained model. Words that only the demonstrations use still encode, byte by byte."""
     from minichat.pretrain import corpus_documents
     from minichat.tokenizer import train_tokenizer
     from minichat.checkpoint import mark_done
 
     texts = corpus_documents(cfg)
-    texts += [m["content"] for c in demonstration_texts(cfg) for m in c]
     tok = train_tokenizer(texts, cfg.tokenizer.vocab_size)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer.vocab_size={tok.vocab_size} exceeds model.vocab_size="
@@ -61,11 +65,6 @@ def run_tokenizer(cfg, run_dir: str, tok, mesh) -> dict:
     mark_done(run_dir, "tokenizer", summary)
     print(f"[tokenizer] {tok.vocab_size} tokens learned from {len(texts):,} texts")
     return summary
-
-
-def demonstration_texts(cfg) -> list[list[dict]]:
-    from minichat.sft import demonstrations
-    return [d["messages"] for d in demonstrations(cfg, "train")]
 
 
 def round_suffix(r: int) -> str:
@@ -123,7 +122,7 @@ def _flat(tree, prefix=""):
 def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
     """The settings a finished `stage` depends on whose value its `config.yaml` records
     differently from `cfg`: its own section, the earlier stages' ones, model, world and seed
-    (the tokenizer: tokenizer, world, seed and the data files). Settings of how a stage
+    (the tokenizer: tokenizer, world, seed and the pretraining files). Settings of how a stage
     runs (`_HOW_NOT_WHAT`, `_NO_EFFECT`) do not count."""
     path = os.path.join(run_dir, stage, "config.yaml")
     base = stage.split("_r")[0]
@@ -136,7 +135,7 @@ def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
                          f"run with resume=false to redo the stage") from None
     now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     if base == "tokenizer":
-        reads = lambda k: k.split(".")[0] in ("tokenizer", "world", "seed") or k in ("pretrain.files", "sft.files")
+        reads = lambda k: k.split(".")[0] in ("tokenizer", "world", "seed") or k == "pretrain.files"
     elif base == "comparisons":  # sampling and labelling: not how the reward model trains
         reads = lambda k: (k.split(".")[0] in {"model", "world", "seed", "tokenizer", "pretrain", "sft"}
                            or (k.startswith("reward.") and not k.startswith(_RM_TRAINING)))
