@@ -867,6 +867,27 @@ def test_comparisons_do_not_go_stale_when_only_the_reward_models_training_change
     assert [c.split("=")[0] for c in changed] == ["reward.k", "reward.labeler.noise"]
 
 
+def test_new_demonstrations_leave_the_tokenizer_and_pretraining_standing(tmp_path):
+    """The tokenizer is trained on the pretraining corpus alone (it belongs to the pretrained
+    model), so SFT data of the user's own makes only SFT stale; a corpus of theirs makes all."""
+    from omegaconf import OmegaConf
+
+    from minichat.config import Config
+    from minichat.train import changed_settings
+
+    for stage in ("tokenizer", "pretrain", "sft"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(Config())))
+    cfg = Config()
+    cfg.sft.files = ["mine.jsonl"]
+    assert changed_settings(cfg, str(tmp_path), "tokenizer") == []
+    assert changed_settings(cfg, str(tmp_path), "pretrain") == []
+    assert changed_settings(cfg, str(tmp_path), "sft") == ["sft.files=[] (now ['mine.jsonl'])"]
+    cfg = Config()
+    cfg.pretrain.files = ["corpus.txt"]
+    assert all(changed_settings(cfg, str(tmp_path), s) for s in ("tokenizer", "pretrain", "sft"))
+
+
 def test_a_run_dir_that_is_a_file_or_a_cut_off_stage_record_is_one_clear_error(tmp_path):
     from minichat.checkpoint import read_done
     from minichat.config import Config
