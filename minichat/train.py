@@ -108,6 +108,9 @@ _HOW_NOT_WHAT = {"model.attention", "model.dtype", "model.remat", "model.dropout
 # reward.* keys that only the reward model's training reads (the comparisons stage does not)
 _RM_TRAINING = tuple(f"reward.{k}" for k in ("optim.", "epochs", "batch_size", "eval_every", "n_norm",
                                               "continue_rounds", "heldout_frac", "heldout_files"))
+# world.* keys that only the dialogues read (demonstrations and evaluation prompts), not the
+# corpus: the tokenizer and pretraining stand when they change
+_DIALOGUES_ONLY = {"world.n_dialogues", "world.n_heldout"}
 _ORDER = ("tokenizer", "pretrain", "sft", "comparisons", "reward", "ppo")
 _SECTION = {"tokenizer": "tokenizer", "pretrain": "pretrain", "sft": "sft",
             "comparisons": "reward", "reward": "reward", "ppo": "ppo"}
@@ -135,13 +138,14 @@ def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
                          f"run with resume=false to redo the stage") from None
     now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     if base == "tokenizer":
-        reads = lambda k: k.split(".")[0] in ("tokenizer", "world", "seed") or k == "pretrain.files"
+        reads = lambda k: ((k.split(".")[0] in ("tokenizer", "world", "seed") and k not in _DIALOGUES_ONLY)
+                           or k == "pretrain.files")
     elif base == "comparisons":  # sampling and labelling: not how the reward model trains
         reads = lambda k: (k.split(".")[0] in {"model", "world", "seed", "tokenizer", "pretrain", "sft"}
                            or (k.startswith("reward.") and not k.startswith(_RM_TRAINING)))
     else:
         sections = {"model", "world", "seed"} | {_SECTION[s] for s in _ORDER[:_ORDER.index(base) + 1]}
-        reads = lambda k: k.split(".")[0] in sections
+        reads = lambda k: k.split(".")[0] in sections and not (base == "pretrain" and k in _DIALOGUES_ONLY)
     return [f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(then) | set(now))
             if reads(k) and k.split(".")[0] not in _NO_EFFECT and k not in _HOW_NOT_WHAT
             and k.split(".")[-1] not in _NO_EFFECT_LEAVES and then.get(k) != now.get(k)]

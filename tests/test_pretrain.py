@@ -869,7 +869,7 @@ def test_comparisons_do_not_go_stale_when_only_the_reward_models_training_change
 
 def test_new_demonstrations_leave_the_tokenizer_and_pretraining_standing(tmp_path):
     """The tokenizer is trained on the pretraining corpus alone (it belongs to the pretrained
-    model), so SFT data of the user's own makes only SFT stale; a corpus of theirs makes all."""
+    model), so new demonstrations make only SFT stale; a corpus of the user's own makes all."""
     from omegaconf import OmegaConf
 
     from minichat.config import Config
@@ -880,9 +880,11 @@ def test_new_demonstrations_leave_the_tokenizer_and_pretraining_standing(tmp_pat
         (tmp_path / stage / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(Config())))
     cfg = Config()
     cfg.sft.files = ["mine.jsonl"]
+    cfg.world.n_dialogues = 12000  # ChatWorld's own demonstrations, more of them
     assert changed_settings(cfg, str(tmp_path), "tokenizer") == []
     assert changed_settings(cfg, str(tmp_path), "pretrain") == []
-    assert changed_settings(cfg, str(tmp_path), "sft") == ["sft.files=[] (now ['mine.jsonl'])"]
+    assert changed_settings(cfg, str(tmp_path), "sft") == ["sft.files=[] (now ['mine.jsonl'])",
+                                                           "world.n_dialogues=6000 (now 12000)"]
     cfg = Config()
     cfg.pretrain.files = ["corpus.txt"]
     assert all(changed_settings(cfg, str(tmp_path), s) for s in ("tokenizer", "pretrain", "sft"))
