@@ -207,8 +207,8 @@ class RewardConfig:
 @dataclass
 class PPOConfig:
     # rollout + update cycles: 28 since session 17, when 40 took the default pipeline past 15
-    # minutes (913 s; 888 s with 32). With 40, no default run since session 12 put PPO
-    # significantly above SFT on held-out prompts (docs 04, section 10)
+    # minutes (913 s; 888 s with 32). At 28, 32 and 40 iterations PPO was no better than SFT
+    # on held-out prompts in session 17's runs (docs 04, section 10)
     iterations: int = 28
     batch_size: int = 64  # prompts per rollout
     minibatch_size: int = 16  # rollouts per optimizer step
