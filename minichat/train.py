@@ -138,16 +138,16 @@ def changed_settings(cfg, run_dir: str, stage: str) -> list[str]:
                          f"run with resume=false to redo the stage") from None
     now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     if base == "tokenizer":
-        reads = lambda k: ((k.split(".")[0] in ("tokenizer", "world", "seed") and k not in _DIALOGUES_ONLY)
-                           or k == "pretrain.files")
+        reads = lambda k: k.split(".")[0] in ("tokenizer", "world", "seed") or k == "pretrain.files"
     elif base == "comparisons":  # sampling and labelling: not how the reward model trains
         reads = lambda k: (k.split(".")[0] in {"model", "world", "seed", "tokenizer", "pretrain", "sft"}
                            or (k.startswith("reward.") and not k.startswith(_RM_TRAINING)))
     else:
         sections = {"model", "world", "seed"} | {_SECTION[s] for s in _ORDER[:_ORDER.index(base) + 1]}
-        reads = lambda k: k.split(".")[0] in sections and not (base == "pretrain" and k in _DIALOGUES_ONLY)
+        reads = lambda k: k.split(".")[0] in sections
+    unread = _DIALOGUES_ONLY if base in ("tokenizer", "pretrain") else set()
     return [f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(then) | set(now))
-            if reads(k) and k.split(".")[0] not in _NO_EFFECT and k not in _HOW_NOT_WHAT
+            if reads(k) and k not in unread and k.split(".")[0] not in _NO_EFFECT and k not in _HOW_NOT_WHAT
             and k.split(".")[-1] not in _NO_EFFECT_LEAVES and then.get(k) != now.get(k)]
 
 
