@@ -22,9 +22,9 @@ What it measures (one JSON object on stdout):
   and their MFUs.
 
 Measured on one NVIDIA H200 (session 18; docs/05_laptop_to_pod.md section 9 has the table):
-pretraining 354k tokens/s with cuDNN attention at batch 16 (MFU 30.6% of the data sheet,
-44.8% of the measured matmul rate), 405k at batch 64 (35.0% / 50.4%); 238k with the `xla`
-kernel. Sampling 60k new tokens/s; one PPO iteration 0.65 s (generation 0.14, scoring 0.05,
+pretraining 408k tokens/s with cuDNN attention at batch 16 (MFU 35.3% of the data sheet,
+50.0% of the measured matmul rate), 454k at batch 64 (39.3% / 56.6%); 238k with the `xla`
+kernel and an explicit mask. Sampling 60k new tokens/s; one PPO iteration 0.65 s (generation 0.14, scoring 0.05,
 update 0.45). `--tiny` runs the script end to end on CPU, where the "peak" is an fp32
 matmul measured at start-up; tests/test_benchmarks.py runs it so.
 """
@@ -98,7 +98,7 @@ def bench_pretrain(cfg: ModelConfig, args, peak: float, measured: float) -> dict
     for _ in range(2):
         tokens = rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
         ones = np.ones_like(tokens)
-        batches.append(shard_batch({"tokens": tokens, "valid": ones, "loss_mask": ones}, mesh))
+        batches.append(shard_batch({"tokens": tokens, "loss_mask": ones}, mesh))  # as pretraining: unpadded
     state = {"p": params, "o": opt_state, "i": 0}
 
     def one():

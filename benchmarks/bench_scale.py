@@ -50,8 +50,7 @@ def batch(step: int, args):
     import numpy as np
     rng = np.random.default_rng(step)
     tokens = rng.integers(0, 2048, (args.batch_size, args.seq_len + 1)).astype(np.int32)
-    ones = np.ones_like(tokens)
-    return {"tokens": tokens, "valid": ones, "loss_mask": ones}
+    return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}  # as pretraining: unpadded rows
 
 
 # ---- worker: one process of the scaling measurement --------------------------------------

@@ -38,8 +38,9 @@ from minichat.data import lm_batch, load_texts, pack_documents
 from minichat.model import logprobs_from_logits
 from minichat.parallel import device_peak_flops, is_main, mesh_size, mfu, require_divisible, shard_batch, shard_state, to_host
 
-# {"tokens": (B, T+1) int32, "valid": (B, T+1) 0/1, "loss_mask": (B, T+1) 0/1}, and for
-# packed rows (SFT) "segments": (B, T+1) int32 ids of the sequences sharing a row.
+# {"tokens": (B, T+1) int32, "loss_mask": (B, T+1) 0/1}; rows with padding add "valid":
+# (B, T+1) 0/1, and packed rows (SFT) "segments": (B, T+1) int32 ids of the sequences
+# sharing a row. Without "valid" the model runs plain causal attention (faster kernels).
 Batch = dict
 
 
@@ -59,7 +60,8 @@ def batch_loss(model, batch: Batch, dropout_key=None) -> jax.Array:
     """Next-token loss of a batch: inputs are tokens[:, :-1], targets tokens[:, 1:]."""
     tokens = batch["tokens"]
     segments = batch["segments"][:, :-1] if "segments" in batch else None
-    logits, _ = model(tokens[:, :-1], batch["valid"][:, :-1], segments=segments,
+    valid = batch["valid"][:, :-1] if "valid" in batch else None  # None: unpadded rows, plain causal
+    logits, _ = model(tokens[:, :-1], valid, segments=segments,
                       dropout_key=dropout_key)
     return lm_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
 
@@ -288,7 +290,7 @@ def copy_batch(step: int, *, rows: int, width: int, vocab: np.ndarray, span_min:
         start = span + int(rng.integers(0, width - 2 * span + 1))
         tokens[r, start:start + span] = tokens[r, :span]
         loss_mask[r, start + 1:start + span] = 1  # targets: the recurrence less its first token
-    return {"tokens": tokens, "valid": np.ones_like(tokens), "loss_mask": loss_mask}
+    return {"tokens": tokens, "loss_mask": loss_mask}
 
 
 def with_copy_rows(get_batch: Callable[[int], Batch], n: int, copy: Callable[[int], Batch]):
@@ -348,9 +350,8 @@ def run(cfg, run_dir: str, tok, mesh) -> dict:
     print(f"[pretrain] {len(train):,} train / {len(val):,} held-out tokens; "
           f"unigram baseline {baseline:.3f} nats")
 
-    def as_batch(tokens):
-        ones = np.ones_like(tokens)
-        return {"tokens": tokens, "valid": ones, "loss_mask": ones}
+    def as_batch(tokens):  # full windows of the token stream: no "valid" (no padding)
+        return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
 
     get_batch = lambda step: as_batch(lm_batch(train, step, bsz, seq_len, cfg.seed))
     specials = np.asarray(sorted(tok.special_ids))

@@ -354,6 +354,33 @@ def test_xla_attention_equals_manual(gpt, split):
     np.testing.assert_allclose(np.asarray(logits)[m], np.asarray(ref)[m], atol=1e-4)
 
 
+@pytest.mark.parametrize("changes", [{}, {"attention": "xla"}, {"remat": True}, {"dropout": 0.1}])
+def test_no_mask_is_plain_causal_attention(split, monkeypatch, changes):
+    # Without a mask the model skips building the (B, 1, T, T) mask and asks the library
+    # kernels for their causal mode: values and gradients must equal an all-ones mask's.
+    model = _variant(split, **changes)
+    tokens, ones = _tokens(8), jnp.ones((B, T), jnp.int32)
+    key = jax.random.key(3) if changes.get("dropout") else None
+
+    def loss(m, mask):
+        logits, _ = m(tokens, mask, dropout_key=key)
+        return jnp.mean(logits ** 2)
+
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, **kw: calls.append((kw["mask"] is None, kw["is_causal"])) or real(*a, **kw))
+    l_none, g_none = nnx.value_and_grad(loss)(model, None)
+    l_ones, g_ones = nnx.value_and_grad(loss)(model, ones)
+    np.testing.assert_allclose(float(l_none), float(l_ones), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_none), jax.tree.leaves(g_ones)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    if changes.get("attention") == "xla":  # causal mode without a mask, then the explicit mask
+        assert calls == [(True, True)] * CFG.n_layer + [(False, False)] * CFG.n_layer
+    else:
+        assert calls == []
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's attention kernel runs on NVIDIA GPUs only")
 def test_cudnn_attention_matches_manual_on_gpu(split):
     # Both in bf16, so the only difference is the kernel. Left padding makes whole query rows

@@ -369,7 +369,8 @@ def test_copy_batch_counts_exactly_the_recurrence_of_its_span_after_its_first_to
     width = 2 * hi + slack
     vocab = np.arange(100, 160)
     b = copy_batch(step, rows=6, width=width, vocab=vocab, span_min=lo, span_max=hi, seed=3)
-    assert all(b[k].shape == (6, width) for k in ("tokens", "valid", "loss_mask")) and b["valid"].all()
+    assert sorted(b) == ["loss_mask", "tokens"]  # unpadded rows: no "valid", plain causal attention
+    assert all(b[k].shape == (6, width) for k in b)
     assert np.isin(b["tokens"], vocab).all()
     for tokens, mask in zip(b["tokens"], b["loss_mask"]):
         counted = np.flatnonzero(mask)
@@ -383,8 +384,7 @@ def test_copy_batch_counts_exactly_the_recurrence_of_its_span_after_its_first_to
 
 
 def test_copy_rows_replace_the_last_rows_of_each_batch():
-    corpus = lambda step: {"tokens": np.full((4, 9), step, np.int32), "valid": np.ones((4, 9), np.int32),
-                           "loss_mask": np.ones((4, 9), np.int32)}
+    corpus = lambda step: {"tokens": np.full((4, 9), step, np.int32), "loss_mask": np.ones((4, 9), np.int32)}
     task = lambda step: copy_batch(step, rows=2, width=9, vocab=np.arange(50, 90), span_min=2, span_max=4)
     mixed = with_copy_rows(corpus, 2, task)(5)
     assert np.array_equal(mixed["tokens"][:2], corpus(5)["tokens"][:2])
