@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minichat.config import ModelConfig
+from minichat.config import ModelConfig, ParallelConfig
 from minichat.model import GPT, count_params, flops_per_token
 from minichat.sampling import generate
 
@@ -87,7 +87,7 @@ def peak_matmul_gflops(n=2048, reps=5, rounds=3, dtype="float32"):
 
 
 class JaxBench:
-    def __init__(self, cfg: ModelConfig, batch: int):
+    def __init__(self, cfg: ModelConfig, batch: int, splits: int = 1):
         from minichat.config import OptimConfig
         from minichat.pretrain import make_optimizer, make_train_step
 
@@ -98,12 +98,12 @@ class JaxBench:
         self.state = nnx.state(model)
         tx, _ = make_optimizer(OptimConfig(lr=3e-4, warmup_steps=0), 1_000_000)
         self.opt_state = jax.jit(tx.init)(self.params)
-        self.step = make_train_step(self.graphdef, tx)
+        self.step = make_train_step(self.graphdef, tx, splits=splits)  # as `fit` runs it on CPU
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, cfg.vocab_size, (batch, self.T + 1))
-        ones = np.ones_like(tokens)
+        # as pretraining's batches: unpadded rows, so no "valid" (plain causal attention)
         self.batch = {k: jnp.asarray(v, jnp.int32) for k, v in
-                      dict(tokens=tokens, valid=ones, loss_mask=ones).items()}
+                      dict(tokens=tokens, loss_mask=np.ones_like(tokens)).items()}
         self.prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (SAMPLE_B, SAMPLE_P)),
                                    jnp.int32)
         self.key = jax.random.key(0)
@@ -184,7 +184,7 @@ class TorchBench(TorchTrainPeer):
     """HF `GPT2LMHeadModel` of the same shape: training as above, and sampling with
     `generate(do_sample=True, use_cache=True)`."""
 
-    def __init__(self, cfg: ModelConfig, batch: int):
+    def __init__(self, cfg: ModelConfig, batch: int, splits: int = 1):
         import torch
         import transformers
 
@@ -261,10 +261,10 @@ def nanogpt_style(cfg: ModelConfig):
 # ---------------------------------------------------------------------------- main
 
 
-def run_preset(name, repeats, train_steps, sample_calls, with_torch, peaks, dtype="float32"):
+def run_preset(name, repeats, train_steps, sample_calls, with_torch, peaks, dtype="float32", splits=1):
     spec = PRESETS[name]
     cfg, B = dataclasses.replace(spec["model"], dtype=dtype), spec["batch"]
-    benches = {"jax": JaxBench(cfg, B)}
+    benches = {"jax": JaxBench(cfg, B, splits)}
     if with_torch:
         benches["torch"] = TorchBench(cfg, B)
         benches["torch_nanogpt"] = TorchTrainPeer(nanogpt_style(cfg), cfg, B)
@@ -317,6 +317,8 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="compute dtype: minichat's model.dtype, torch.autocast for the peers")
+    ap.add_argument("--splits", type=int, default=ParallelConfig().cpu_splits,
+                    help="sub-batches per train step (parallel.cpu_splits; 1 = one chain)")
     ap.add_argument("--cpus", type=int, default=None,
                     help="pin the process to this many cores (applied at start-up)")
     args = ap.parse_args(argv)
@@ -337,9 +339,10 @@ def main(argv=None):
         import torch
         result["torch_version"] = torch.__version__
     result["jax_version"] = jax.__version__
+    result["splits"] = args.splits
     for name in args.presets:
         r = run_preset(name, args.repeats, args.train_steps, args.sample_calls, with_torch, peaks,
-                       args.dtype)
+                       args.dtype, args.splits)
         result["presets"][name] = r
         print(json.dumps({name: r}), file=sys.stderr)
     peak = max(peaks)

@@ -66,6 +66,11 @@ def batch_loss(model, batch: Batch, dropout_key=None) -> jax.Array:
     return lm_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
 
 
+def batch_weight(batch: Batch) -> jax.Array:
+    """The number of positions `batch_loss` averages over: a sub-batch's share of the mean."""
+    return jnp.sum(batch["loss_mask"][:, 1:])
+
+
 # ---- optimiser and the jitted step -----------------------------------------------------
 def make_optimizer(cfg, total_steps: int):
     """AdamW + warmup/cosine schedule + clipping; decay only matrices (not biases, LN)."""
@@ -82,26 +87,64 @@ def make_optimizer(cfg, total_steps: int):
     return tx, schedule
 
 
-def make_train_step(graphdef, tx, loss_fn: Callable = batch_loss, rest=None):
+def make_train_step(graphdef, tx, loss_fn: Callable = batch_loss, rest=None, *, splits: int = 1,
+                    weight_fn: Callable = batch_weight):
     """A jitted `step(params, opt_state, batch, dropout_key=None) -> (params, opt_state,
     metrics)`.
 
     Pure over arrays: the graph definition is static, params/opt_state are donated so
     XLA updates them in place. `rest` holds the model's non-parameter state, if any.
     `dropout_key` (see `step_dropout_key`) turns the model's dropout on for this step.
+    `splits` > 1 computes the gradient as that many sub-batches (`split_value_and_grad`),
+    weighted by `weight_fn`, the count that `loss_fn` averages over.
     """
     rest = () if rest is None else (rest,)
 
     def step(params, opt_state, batch, dropout_key=None):
-        def objective(p):
-            return loss_fn(nnx.merge(graphdef, p, *rest), batch, dropout_key=dropout_key)
+        def objective(p, b, key):
+            return loss_fn(nnx.merge(graphdef, p, *rest), b, dropout_key=key)
 
-        loss, grads = jax.value_and_grad(objective)(params)
+        if splits > 1 and batch["tokens"].shape[0] % splits == 0:
+            loss, grads = split_value_and_grad(objective, params, batch, dropout_key, splits, weight_fn)
+        else:
+            loss, grads = jax.value_and_grad(objective)(params, batch, dropout_key)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def split_value_and_grad(objective: Callable, params, batch: Batch, key, splits: int, weight_fn: Callable):
+    """`objective(params, batch, key)`'s value and gradient, computed as `splits` sub-batches
+    (rows i, i + splits, ...) in one program and weighted back into the whole batch's mean.
+
+    The sub-batches share no work, so XLA:CPU runs them concurrently on its threads, where a
+    tiny model's one chain of small matmuls leaves part of the machine idle: on 2 cores the
+    tiny preset's step trains 11% more tokens/s with two halves (docs 01). The strided rows
+    keep each device's shard of a data-parallel batch on that device. Sub-batch i's dropout
+    key is `fold_in(key, i)`.
+    """
+    def rows(x, i):
+        return x.reshape(x.shape[0] // splits, splits, *x.shape[1:])[:, i]
+
+    parts = [jax.tree.map(lambda x: rows(x, i), batch) for i in range(splits)]
+    keys = [None if key is None else jax.random.fold_in(key, i) for i in range(splits)]
+    counts = jnp.stack([weight_fn(b) for b in parts]).astype(jnp.float32)
+    total = jnp.sum(counts)
+    # each part's mean weighted by its share of the counted positions is the whole batch's
+    # mean; with nothing counted anywhere every part's loss is 0 and the weights do not matter
+    weights = jnp.where(total > 0, counts / jnp.where(total > 0, total, 1.0), 1.0 / splits)
+    outs = [jax.value_and_grad(objective)(params, b, k) for b, k in zip(parts, keys)]
+    loss = sum(w * l for w, (l, _) in zip(weights, outs))
+    grads = jax.tree.map(lambda *g: sum(w * x for w, x in zip(weights, g)), *[g for _, g in outs])
+    return loss, grads
+
+
+def cpu_splits(cfg, mesh) -> int:
+    """`parallel.cpu_splits` on a CPU mesh, 1 on accelerators (whose kernels want the whole
+    batch in one matmul)."""
+    return cfg.parallel.cpu_splits if all(d.platform == "cpu" for d in mesh.devices.flat) else 1
 
 
 def step_dropout_key(cfg, stage: str, step: int):
@@ -179,7 +222,7 @@ def fit(model, *, stage: str, run_dir: str, cfg, scfg, mesh, get_batch: Callable
     graphdef, rest, tx, schedule = st.graphdef, st.rest, st.tx, st.schedule
     params, opt_state, ckpt, start, log = st.params, st.opt_state, st.ckpt, st.start, st.log
 
-    step_fn = make_train_step(graphdef, tx, loss_fn, rest)
+    step_fn = make_train_step(graphdef, tx, loss_fn, rest, splits=cpu_splits(cfg, mesh))
     eval_fn = make_eval_step(graphdef, loss_fn, rest)
     evaluate = lambda p: float(np.mean([to_host(eval_fn(p, shard_batch(b, mesh))) for b in eval_batches]))
     meta = lambda s: {"step": s, "model": asdict(cfg.model), "stage": stage}

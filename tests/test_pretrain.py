@@ -18,8 +18,8 @@ from minichat.checkpoint import Checkpointer, CheckpointError, MetricsLog, read_
 from minichat.config import ModelConfig, OptimConfig, ParallelConfig
 from minichat.model import GPT
 from minichat.parallel import make_mesh, shard_batch, shard_state
-from minichat.pretrain import (batch_loss, copy_accuracy, copy_batch, lm_loss, make_optimizer, make_train_step,
-                               split_streams, unigram_loss, with_copy_rows)
+from minichat.pretrain import (batch_loss, batch_weight, copy_accuracy, copy_batch, lm_loss, make_optimizer,
+                               make_train_step, split_streams, split_value_and_grad, unigram_loss, with_copy_rows)
 
 CFG = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -43,6 +43,57 @@ def test_fully_masked_batch_gives_finite_zero_loss_and_grads():
     loss, grads = nnx.value_and_grad(batch_loss)(model, batch)
     assert float(loss) == 0.0
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+@given(st.sampled_from([2, 3, 4]), st.integers(0, 2**31 - 1), st.booleans())
+def test_split_gradient_equals_the_whole_batch_gradient(splits, seed, dropout):
+    # SFT-like rows: padding, and loss masks that count different numbers of positions per
+    # row (some none at all), so the parts' means must be weighted by their counts.
+    rng = np.random.default_rng(seed)
+    model = GPT.init(dataclasses.replace(CFG, dropout=0.1 if dropout else 0.0), 0)
+    graphdef, params = nnx.split(model)
+    tokens = rng.integers(0, CFG.vocab_size, (12, 10)).astype(np.int32)
+    valid = (np.arange(10)[None] >= rng.integers(0, 4, (12, 1))).astype(np.int32)
+    loss_mask = valid * (rng.random((12, 10)) < rng.random((12, 1)))
+    batch = {"tokens": tokens, "valid": valid, "loss_mask": loss_mask.astype(np.int32)}
+    key = jax.random.key(seed % 1000) if dropout else None
+
+    def objective(p, b, k):
+        return batch_loss(nnx.merge(graphdef, p), b, dropout_key=k)
+
+    loss, grads = jax.jit(lambda p, b: split_value_and_grad(objective, p, b, key, splits, batch_weight))(params, batch)
+    if dropout:  # part i draws its masks from fold_in(key, i): the reference does the same
+        rows = [slice(i, None, splits) for i in range(splits)]
+        outs = [jax.value_and_grad(objective)(params, {k: v[r] for k, v in batch.items()}, jax.random.fold_in(key, i))
+                for i, r in enumerate(rows)]
+        n = np.array([loss_mask[:, 1:][r].sum() for r in rows], np.float64)
+        w = n / n.sum() if n.sum() else np.full(splits, 1 / splits)
+        want = sum(wi * float(l) for wi, (l, _) in zip(w, outs))
+        want_g = jax.tree.map(lambda *g: sum(wi * np.asarray(x) for wi, x in zip(w, g)), *[g for _, g in outs])
+    else:
+        want, want_g = jax.value_and_grad(objective)(params, batch, None)
+    assert float(loss) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_split_train_step_matches_one_chain_and_keeps_a_masked_batch_finite():
+    import optax  # plain SGD: Adam's normalisation would blow float rounding up on ~0 gradients
+
+    tx = optax.sgd(0.1)
+    results = {}
+    for splits in (1, 2):
+        graphdef, params = nnx.split(GPT.init(CFG, 0), nnx.Param)
+        step = make_train_step(graphdef, tx, splits=splits)
+        opt_state = tx.init(params)
+        params, opt_state, m1 = step(params, opt_state, random_batch(1))
+        zero = {**random_batch(2), "loss_mask": np.zeros((8, 17), np.int32)}
+        params, opt_state, m2 = step(params, opt_state, zero)
+        assert float(m2["loss"]) == 0.0 and np.isfinite(float(m2["grad_norm"]))
+        results[splits] = (float(m1["loss"]), params)
+    assert results[2][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[2][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_unigram_baseline_is_the_entropy_of_a_uniform_stream():
