@@ -63,7 +63,8 @@ from flax import nnx  # noqa: E402
 
 from minichat.config import ModelConfig, PPOConfig  # noqa: E402
 from minichat.model import GPT, ScalarGPT  # noqa: E402
-from minichat.ppo import PPOTrainer, rm_score  # noqa: E402
+from minichat.ppo import PPOTrainer  # noqa: E402
+from minichat.reward import score as rm_score  # noqa: E402
 
 # TRL 1.12 PPOTrainer at this shape on this class of machine (2 CPU cores), as quoted in issue 5.
 TRL_QUOTED = {"generation": 0.6, "scoring": 0.56, "update": 3.3, "total": 4.7}

@@ -1,13 +1,16 @@
-"""The benchmark scripts stay runnable: `bench_gpu.py --tiny` end to end on CPU.
+"""The benchmark scripts stay runnable: each one end to end at its smallest setting.
 
-The GPU benchmark is run only where a GPU is lent, and it once failed there on an import
-that a PPO refactor had renamed; this smoke test would have caught it on any machine.
+Benchmarks are run by hand, rarely: `bench_gpu.py` and `bench_ppo.py` both failed on an
+import that a PPO refactor had renamed, found only when a GPU was lent. These smoke tests
+catch that on any machine; they time nothing.
 """
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -23,3 +26,22 @@ def test_bench_gpu_tiny_runs_end_to_end():
     assert pre["tokens_per_s"] == pre["global_batch"] * pre["seq_len"] / pre["step_s"]
     assert out["sampling"]["new_tokens_per_s"] > 0
     assert all(ppo[k] > 0 for k in ("generation_s", "scoring_s", "update_s"))
+
+
+def _run(args: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("args, key", [
+    (["benchmarks/bench_model.py", "--presets", "tiny", "--no-torch", "--repeats", "1", "--train-steps", "1",
+      "--sample-calls", "1"], "presets"),
+    (["benchmarks/bench_reward.py", "--steps", "1", "--repeats", "1"], "jax"),
+    (["benchmarks/bench_ppo.py", "--repeats", "1"], "minichat"),
+    (["benchmarks/bench_scale.py", "--only", "overhead", "--rounds", "1", "--steps", "2", "--warmup", "1"],
+     "overhead"),
+])
+def test_cpu_benchmarks_run_end_to_end(args, key):
+    assert key in _run(args)
