@@ -222,7 +222,9 @@ def fit(model, *, stage: str, run_dir: str, cfg, scfg, mesh, get_batch: Callable
     graphdef, rest, tx, schedule = st.graphdef, st.rest, st.tx, st.schedule
     params, opt_state, ckpt, start, log = st.params, st.opt_state, st.ckpt, st.start, st.log
 
-    step_fn = make_train_step(graphdef, tx, loss_fn, rest, splits=cpu_splits(cfg, mesh))
+    # batch_weight is batch_loss's count: another loss would need its own weights to split
+    splits = cpu_splits(cfg, mesh) if loss_fn is batch_loss else 1
+    step_fn = make_train_step(graphdef, tx, loss_fn, rest, splits=splits)
     eval_fn = make_eval_step(graphdef, loss_fn, rest)
     evaluate = lambda p: float(np.mean([to_host(eval_fn(p, shard_batch(b, mesh))) for b in eval_batches]))
     meta = lambda s: {"step": s, "model": asdict(cfg.model), "stage": stage}
