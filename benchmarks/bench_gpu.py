@@ -24,9 +24,9 @@ What it measures (one JSON object on stdout):
 Measured on one NVIDIA H200 (session 18; docs/05_laptop_to_pod.md section 9 has the table):
 pretraining 408k tokens/s with cuDNN attention at batch 16 (MFU 35.3% of the data sheet,
 50.0% of the measured matmul rate), 454k at batch 64 (39.3% / 56.6%); 238k with the `xla`
-kernel and an explicit mask. Sampling 60k new tokens/s; one PPO iteration 0.65 s (generation 0.14, scoring 0.05,
-update 0.45). `--tiny` runs the script end to end on CPU, where the "peak" is an fp32
-matmul measured at start-up; tests/test_benchmarks.py runs it so.
+kernel and an explicit mask. Sampling 60k new tokens/s; one PPO iteration 0.65 s
+(generation 0.14, scoring 0.05, update 0.45). `--tiny` runs the script end to end on CPU,
+where the "peak" is an fp32 matmul measured at start-up; tests/test_benchmarks.py runs it so.
 """
 
 from __future__ import annotations

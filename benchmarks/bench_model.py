@@ -184,7 +184,7 @@ class TorchBench(TorchTrainPeer):
     """HF `GPT2LMHeadModel` of the same shape: training as above, and sampling with
     `generate(do_sample=True, use_cache=True)`."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, splits: int = 1):
+    def __init__(self, cfg: ModelConfig, batch: int):
         import torch
         import transformers
 

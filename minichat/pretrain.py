@@ -130,11 +130,10 @@ def split_value_and_grad(objective: Callable, params, batch: Batch, key, splits:
 
     parts = [jax.tree.map(lambda x: rows(x, i), batch) for i in range(splits)]
     keys = [None if key is None else jax.random.fold_in(key, i) for i in range(splits)]
-    counts = jnp.stack([weight_fn(b) for b in parts]).astype(jnp.float32)
-    total = jnp.sum(counts)
     # each part's mean weighted by its share of the counted positions is the whole batch's
-    # mean; with nothing counted anywhere every part's loss is 0 and the weights do not matter
-    weights = jnp.where(total > 0, counts / jnp.where(total > 0, total, 1.0), 1.0 / splits)
+    # mean; the clamp is lm_loss's (with nothing counted, every part's loss is 0 anyway)
+    counts = jnp.stack([weight_fn(b) for b in parts]).astype(jnp.float32)
+    weights = counts / jnp.maximum(jnp.sum(counts), 1.0)
     outs = [jax.value_and_grad(objective)(params, b, k) for b, k in zip(parts, keys)]
     loss = sum(w * l for w, (l, _) in zip(weights, outs))
     grads = jax.tree.map(lambda *g: sum(w * x for w, x in zip(weights, g)), *[g for _, g in outs])

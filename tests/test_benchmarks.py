@@ -15,24 +15,21 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def test_bench_gpu_tiny_runs_end_to_end():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user runs it
-    proc = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--tiny", "--steps", "2", "--warmup", "1",
-                           "--repeats", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def _run(args: list[str]) -> dict:
+    """The script's JSON output; conftest's 8 fake devices dropped: one device, as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_bench_gpu_tiny_runs_end_to_end():
+    out = _run(["benchmarks/bench_gpu.py", "--tiny", "--steps", "2", "--warmup", "1", "--repeats", "1"])
     pre, ppo = out["pretrain"], out["ppo"]
     assert pre["tokens_per_s"] > 0 and 0 < pre["mfu"] < 1.5
     assert pre["tokens_per_s"] == pre["global_batch"] * pre["seq_len"] / pre["step_s"]
     assert out["sampling"]["new_tokens_per_s"] > 0
     assert all(ppo[k] > 0 for k in ("generation_s", "scoring_s", "update_s"))
-
-
-def _run(args: list[str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
 
 
 @pytest.mark.parametrize("args, key", [
