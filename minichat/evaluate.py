@@ -45,7 +45,8 @@ def prompt_batch(tok, examples, width: int):
 
 
 def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: float, seed: int,
-                   top_p: float = 1.0, batch_size: int = 64, n: int = 1, desc: str = "") -> list[dict]:
+                   top_p: float = 1.0, batch_size: int = 64, n: int = 1, desc: str = "",
+                   shrink: bool | None = None) -> list[dict]:
     """Replies of `model` to each example's conversation: text, ended (emitted <|end|>), length.
 
     The prompts are batched shortest first, each batch left-padded to its own longest prompt
@@ -60,6 +61,7 @@ def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: fl
     prompts. The same replies as the examples each repeated n times with `n=1`.
 
     `desc`: show a progress bar with that label (prompts done, new tokens/s); "" for none.
+    `shrink`: `generate`'s (None = on a CPU).
     """
     import time
 
@@ -88,7 +90,7 @@ def sample_replies(model, tok, examples, *, max_new_tokens: int, temperature: fl
         # keyed by the first row's index, so that n > 1 draws what n = 1 on repeats would
         gen = generate(model, tokens, mask, jax.random.fold_in(key, i * n), max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=0, top_p=top_p, end_id=tok.end_id,
-                       pad_id=tok.pad_id, n_samples=n)
+                       pad_id=tok.pad_id, n_samples=n, shrink=shrink)
         toks, gmask = np.asarray(gen.tokens), np.asarray(gen.mask)
         for r, j in enumerate(idx):
             for k in range(n):

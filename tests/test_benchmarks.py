@@ -39,6 +39,7 @@ def test_bench_gpu_tiny_runs_end_to_end():
     (["benchmarks/bench_ppo.py", "--repeats", "1"], "minichat"),
     (["benchmarks/bench_scale.py", "--only", "overhead", "--rounds", "1", "--steps", "2", "--warmup", "1"],
      "overhead"),
-])
+    (["benchmarks/bench_sampling.py", "--prompts", "64", "--repeats", "1"], "ratio_warm"),
+], ids=lambda v: os.path.basename(v[0])[:-3] if isinstance(v, list) else v)
 def test_cpu_benchmarks_run_end_to_end(args, key):
     assert key in _run(args)

@@ -6,10 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minichat.config import ModelConfig
 from minichat.model import GPT, logprobs_from_logits
 from minichat.sampling import (
+    SHRINK,
     TRACE_COUNTS,
     decode_step,
     generate,
@@ -95,6 +98,59 @@ def test_n_samples_share_a_prefill_and_equal_repeated_prompts(gpt, prompts, n):
         assert any(len({tuple(r) for r in np.asarray(shared.tokens[b * n:(b + 1) * n])}) > 1 for b in range(B))
     with pytest.raises(ValueError, match="n_samples"):
         _gen(gpt, prompts, n_samples=0)
+
+
+# A vocabulary of 8: a random model ends about one row in eight per step, so most rows end
+# long before the longest, the case `shrink` is for.
+FEW = ModelConfig(vocab_size=8, block_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(scope="module")
+def few_gpt():
+    return GPT.init(FEW, 2)
+
+
+def _few_prompts(rows: int, seed: int):
+    rng = np.random.default_rng(seed)
+    pads = rng.integers(0, P, rows)
+    mask = (np.arange(P)[None, :] >= pads[:, None]).astype(np.int32)
+    return jnp.asarray(np.where(mask > 0, rng.integers(1, FEW.vocab_size, (rows, P)), PAD)), jnp.asarray(mask)
+
+
+def _assert_same_generation(a, b):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert int(a.steps) == int(b.steps)
+
+
+def test_shrinking_batch_decodes_the_same_replies(few_gpt):
+    """Once at most 1/8 of the rows are still sampling, `shrink` decodes those alone: the
+    same tokens, masks and steps as the whole batch to the end, logprobs up to rounding
+    (another batch size, another summation order). The case is checked to take that path:
+    some step leaves between 1 and B/8 rows sampling before the last."""
+    rows, n_new = 32, 40
+    prompts = _few_prompts(rows, 0)
+    kw = {"max_new_tokens": n_new, "temperature": 1.0, "end_id": 3, "pad_id": PAD}
+    whole = generate(few_gpt, *prompts, jax.random.key(1), shrink=False, **kw)
+    shrunk = generate(few_gpt, *prompts, jax.random.key(1), shrink=True, **kw)
+    _assert_same_generation(shrunk, whole)
+    live = np.asarray(whole.mask).sum(1)[None, :] > np.arange(n_new)[:, None]  # (step, row)
+    assert any(0 < n <= rows // SHRINK for n in live.sum(1)[:int(whole.steps)])
+    # and by default on a CPU
+    _assert_same_generation(generate(few_gpt, *prompts, jax.random.key(1), **kw), shrunk)
+
+
+@settings(max_examples=5, deadline=None)
+@given(rows=st.sampled_from([8, 13, 24, 40]), n=st.sampled_from([1, 2]),
+       temperature=st.sampled_from([0.0, 0.7, 1.0]), seed=st.integers(0, 10_000))
+def test_shrinking_batch_is_invisible(few_gpt, rows, n, temperature, seed):
+    """The same replies with and without `shrink`, whatever the rows, replies per prompt,
+    temperature and draw."""
+    prompts = _few_prompts(rows, seed)
+    kw = {"max_new_tokens": 24, "temperature": temperature, "end_id": 3, "pad_id": PAD, "n_samples": n}
+    _assert_same_generation(generate(few_gpt, *prompts, jax.random.key(seed), shrink=True, **kw),
+                            generate(few_gpt, *prompts, jax.random.key(seed), shrink=False, **kw))
 
 
 def test_end_token_mask_and_padding(gpt, prompts):
