@@ -1,6 +1,7 @@
 """Pretraining: the loss, checkpoints, kill-and-resume, data parallelism, the CLI."""
 
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -45,33 +46,42 @@ def test_fully_masked_batch_gives_finite_zero_loss_and_grads():
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
+@functools.cache
+def _split_grad_fns(splits: int, dropout: bool):
+    """The split gradient and its reference, jitted once per (splits, dropout) rather than
+    once per hypothesis example (the eager reference alone took ~90 s of the suite)."""
+    graphdef, params = nnx.split(GPT.init(dataclasses.replace(CFG, dropout=0.1 if dropout else 0.0), 0))
+
+    def objective(p, b, k):
+        return batch_loss(nnx.merge(graphdef, p), b, dropout_key=k)
+
+    split = jax.jit(lambda p, b, k: split_value_and_grad(objective, p, b, k, splits, batch_weight))
+    return params, split, jax.jit(jax.value_and_grad(objective))
+
+
 @given(st.sampled_from([2, 3, 4]), st.integers(0, 2**31 - 1), st.booleans())
 def test_split_gradient_equals_the_whole_batch_gradient(splits, seed, dropout):
     # SFT-like rows: padding, and loss masks that count different numbers of positions per
     # row (some none at all), so the parts' means must be weighted by their counts.
     rng = np.random.default_rng(seed)
-    model = GPT.init(dataclasses.replace(CFG, dropout=0.1 if dropout else 0.0), 0)
-    graphdef, params = nnx.split(model)
+    params, split, value_and_grad = _split_grad_fns(splits, dropout)
     tokens = rng.integers(0, CFG.vocab_size, (12, 10)).astype(np.int32)
     valid = (np.arange(10)[None] >= rng.integers(0, 4, (12, 1))).astype(np.int32)
     loss_mask = valid * (rng.random((12, 10)) < rng.random((12, 1)))
     batch = {"tokens": tokens, "valid": valid, "loss_mask": loss_mask.astype(np.int32)}
     key = jax.random.key(seed % 1000) if dropout else None
 
-    def objective(p, b, k):
-        return batch_loss(nnx.merge(graphdef, p), b, dropout_key=k)
-
-    loss, grads = jax.jit(lambda p, b: split_value_and_grad(objective, p, b, key, splits, batch_weight))(params, batch)
+    loss, grads = split(params, batch, key)
     if dropout:  # part i draws its masks from fold_in(key, i): the reference does the same
         rows = [slice(i, None, splits) for i in range(splits)]
-        outs = [jax.value_and_grad(objective)(params, {k: v[r] for k, v in batch.items()}, jax.random.fold_in(key, i))
+        outs = [value_and_grad(params, {k: v[r] for k, v in batch.items()}, jax.random.fold_in(key, i))
                 for i, r in enumerate(rows)]
         n = np.array([loss_mask[:, 1:][r].sum() for r in rows], np.float64)
         w = n / max(n.sum(), 1.0)
         want = sum(wi * float(l) for wi, (l, _) in zip(w, outs))
         want_g = jax.tree.map(lambda *g: sum(wi * np.asarray(x) for wi, x in zip(w, g)), *[g for _, g in outs])
     else:
-        want, want_g = jax.value_and_grad(objective)(params, batch, None)
+        want, want_g = value_and_grad(params, batch, None)
     assert float(loss) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_g)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

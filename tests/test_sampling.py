@@ -141,12 +141,14 @@ def test_shrinking_batch_decodes_the_same_replies(few_gpt):
     _assert_same_generation(generate(few_gpt, *prompts, jax.random.key(1), **kw), shrunk)
 
 
-@settings(max_examples=5, deadline=None)
-@given(rows=st.sampled_from([8, 13, 24, 40]), n=st.sampled_from([1, 2]),
-       temperature=st.sampled_from([0.0, 0.7, 1.0]), seed=st.integers(0, 10_000))
-def test_shrinking_batch_is_invisible(few_gpt, rows, n, temperature, seed):
-    """The same replies with and without `shrink`, whatever the rows, replies per prompt,
-    temperature and draw."""
+@settings(max_examples=8, deadline=None)
+@given(shape=st.sampled_from([(13, 1), (12, 2)]), temperature=st.sampled_from([0.0, 1.0]),
+       seed=st.integers(0, 10_000))
+def test_shrinking_batch_is_invisible(few_gpt, shape, temperature, seed):
+    """The same replies with and without `shrink`, whatever the prompts and the draw, with
+    13 rows (1 left to decode alone) or 6 prompts x 2 replies, greedy or sampled (few
+    shapes: each is a compilation)."""
+    rows, n = shape
     prompts = _few_prompts(rows, seed)
     kw = {"max_new_tokens": 24, "temperature": temperature, "end_id": 3, "pad_id": PAD, "n_samples": n}
     _assert_same_generation(generate(few_gpt, *prompts, jax.random.key(seed), shrink=True, **kw),
