@@ -245,7 +245,8 @@ def sample_completions(policy, tok, prompts: list[dict], *, k: int, max_new_toke
     from minichat.evaluate import sample_replies
 
     replies = sample_replies(policy, tok, prompts, max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed, batch_size=batch_size, n=k, desc=desc)
+                             temperature=temperature, seed=seed, batch_size=batch_size, n=k, desc=desc,
+                             shrink=None)  # thousands of prompts: worth the second loop (sampling.py)
     return [replies[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
