@@ -164,9 +164,10 @@ def _split(model):
     return nnx.split(model)
 
 
-def _take_rows(cache: KVCache, rows) -> KVCache:
-    return cache._replace(k=tuple(k[rows] for k in cache.k), v=tuple(v[rows] for v in cache.v),
-                          mask=cache.mask[rows], length=cache.length[rows])
+def _map_rows(cache: KVCache, f) -> KVCache:
+    """`f` applied to each of the cache's per-row arrays (all but the shared `index`)."""
+    return cache._replace(k=tuple(map(f, cache.k)), v=tuple(map(f, cache.v)),
+                          mask=f(cache.mask), length=f(cache.length))
 
 
 @functools.partial(
@@ -187,9 +188,7 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, set
         # Several replies per prompt share one prefill: the prompt's cache and next-token
         # logits are copied n times (rows prompt-major), only the replies are decoded apart.
         rep = lambda x: jnp.repeat(x, n_samples, axis=0)
-        logits = rep(logits)
-        cache = cache._replace(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
-                               mask=rep(cache.mask), length=rep(cache.length))
+        logits, cache = rep(logits), _map_rows(cache, rep)
     B = logits.shape[0]
     # One uniform per row of the *whole* batch at every step, each row taking its own: a
     # row draws the same token however many rows decode beside it (see `shrink` below).
@@ -222,13 +221,13 @@ def _generate(graphdef, state, prompts, prompt_mask, key, *, max_new_tokens, set
     # the rows' places. One more while_loop to compile (~1 s), not one per halving: on
     # 2,048 comparison prompts, halvings down to 8 rows were 1.2x faster once compiled but
     # no faster counting their compilation (benchmarks/README.md, sampling).
-    small = B // SHRINK if shrink else 0
+    small = B // SHRINK if shrink else 0  # 0 (or fewer than 8 rows): one loop, as without
     carry = (jnp.asarray(1, jnp.int32), jnp.arange(B), cache, token, done, out)
     carry = jax.lax.while_loop(lambda c: (c[0] < N) & (jnp.sum(~c[4]) > small), body, carry)
     if small:
         i, rows, cache, token, done, out = carry
         keep = jnp.argsort(done, stable=True)[:small]  # the rows still sampling come first
-        carry = (i, rows[keep], _take_rows(cache, keep), token[keep], done[keep], out)
+        carry = (i, rows[keep], _map_rows(cache, lambda x: x[keep]), token[keep], done[keep], out)
         carry = jax.lax.while_loop(lambda c: (c[0] < N) & ~jnp.all(c[4]), body, carry)
     steps, *_, out = carry
     return out._replace(steps=steps)  # the loop's counter: tokens sampled per row
@@ -256,7 +255,6 @@ def generate(model, prompts, prompt_mask, key, *, max_new_tokens: int,
     settings = SamplingSettings(float(temperature), int(top_k), float(top_p))
     if shrink is None:
         shrink = end_id is not None and jax.default_backend() == "cpu"
-    shrink = shrink and prompts.shape[0] * n_samples // SHRINK > 0
     return _generate(
         graphdef, state, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
         key, max_new_tokens=int(max_new_tokens), settings=settings,
