@@ -205,12 +205,13 @@ class CausalSelfAttention(nnx.Module):
         self.resid_dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, x, allowed, *, dropout_key=None, kv=None, index=None,
-                 causal_blocks=False):
+                 causal_blocks=False, at=None):
         """x: (B, T, C). allowed: (B, 1, T, S) bool, may query t see key s; None = plain
         causal attention over unpadded rows (no cache).
         `causal_blocks`: `allowed` is causal (S == T, no cache), so blocks of queries can
         skip the keys after them. `dropout_key`: dropout on the attention weights and the
-        output (None = none).
+        output (None = none). `at`: (B, E) int, query only from these positions (every
+        position still serves as a key); the output is (B, E, C).
 
         Without a cache S == T. With `kv = (k_cache, v_cache)` (B, H, Tmax, D) the new
         keys/values are written at slots [index, index + T) and the queries attend over
@@ -221,6 +222,10 @@ class CausalSelfAttention(nnx.Module):
         qkv = self.c_attn(x).reshape(B, T, 3, H, C // H)
         # (B, H, T, D): XLA on CPU runs these batched matmuls ~3x faster than (B, T, H, D).
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        if at is not None:
+            q = jnp.take_along_axis(q, at[:, None, :, None], axis=2)
+            allowed = jnp.take_along_axis(allowed, at[:, None, :, None], axis=2)
+        Tq = q.shape[2]
         if kv is not None:
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
@@ -244,7 +249,7 @@ class CausalSelfAttention(nnx.Module):
                 q, k, v,
                 mask=allowed, is_causal=allowed is None, implementation=self.implementation,
             ).transpose(0, 2, 1, 3)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        y = y.transpose(0, 2, 1, 3).reshape(B, Tq, C)
         y = _dropout(self.resid_dropout, self.c_proj(y), resid_key)
         return y, kv
 
@@ -348,17 +353,20 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(config.n_embd, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, allowed, *, dropout_key=None, kv=None, index=None):
+    def __call__(self, x, allowed, *, dropout_key=None, kv=None, index=None, at=None):
+        """`at`: (B, E) int, compute the block's output at these positions only (B, E, C)."""
         attn_key, mlp_key = _split(dropout_key, 2)
         a, kv = self.attn(self.ln_1(x), allowed, dropout_key=attn_key, kv=kv,
-                          index=index, causal_blocks=kv is None)
+                          index=index, causal_blocks=kv is None and at is None, at=at)
+        if at is not None:
+            x = jnp.take_along_axis(x, at[..., None], axis=1)
         x = x + a
         x = x + self.mlp(self.ln_2(x), dropout_key=mlp_key)
         return x, kv
 
 
-def _block_forward(block, x, allowed, dropout_key):
-    return block(x, allowed, dropout_key=dropout_key)[0]
+def _block_forward(block, x, allowed, dropout_key, at=None):
+    return block(x, allowed, dropout_key=dropout_key, at=at)[0]
 
 
 # the backward pass recomputes the block, dropout masks included (same key, same mask)
@@ -420,10 +428,18 @@ class GPT(nnx.Module):
         return self.unembed(hidden), hidden
 
     def hidden_states(self, tokens, mask=None, *, segments=None, branches=None,
-                      dropout_key=None):
-        """Final hidden states after ln_f, (B, T, C) float32; no unembedding."""
+                      dropout_key=None, at=None):
+        """Final hidden states after ln_f, (B, T, C) float32; no unembedding.
+
+        `at`: optional (B, E) int positions; returns their hidden states only, (B, E, C).
+        The last block then computes its queries, attention output, MLP and ln_f at those
+        positions alone: nothing else of that layer is ever read. A reward read at each
+        reply's end token needs one position per reply, which saves most of a layer (a
+        fifth of the tiny model's trunk) forward and backward. The result equals the full
+        forward's at those positions.
+        """
         B, T = tokens.shape
-        if mask is None and segments is None and branches is None:
+        if mask is None and segments is None and branches is None and at is None:
             # Unpadded rows (pretraining): plain causal attention, `allowed=None`. The library
             # kernels then run their causal mode instead of reading a (B, 1, T, T) mask: 10-15%
             # of a gpt2 pretraining step with cuDNN on an H200 (docs/05 section 9).
@@ -441,16 +457,17 @@ class GPT(nnx.Module):
             # a token's position is the number of real tokens it sees before itself, which
             # is what it would be in its own prefix + branch sequence
             positions = jnp.maximum(jnp.sum(allowed[:, 0], axis=-1, dtype=jnp.int32) - 1, 0)
-        return self._blocks(tokens, positions, allowed, dropout_key)
+        return self._blocks(tokens, positions, allowed, dropout_key, at)
 
-    def _blocks(self, tokens, positions, allowed, dropout_key):
+    def _blocks(self, tokens, positions, allowed, dropout_key, at=None):
         embed_key, *block_keys = _split(dropout_key, 1 + len(self.h))
         x = self.embed(tokens, positions, embed_key)
-        for block, key in zip(self.h, block_keys):
+        for i, (block, key) in enumerate(zip(self.h, block_keys)):
+            block_at = at if i == len(self.h) - 1 else None
             if self.config.remat:
-                x = _block_forward_remat(block, x, allowed, key)
+                x = _block_forward_remat(block, x, allowed, key, block_at)
             else:
-                x, _ = block(x, allowed, dropout_key=key)
+                x, _ = block(x, allowed, dropout_key=key, at=block_at)
         return self.ln_f(x)
 
     def embed(self, tokens, positions, dropout_key=None):
@@ -530,11 +547,15 @@ class ScalarGPT(nnx.Module):
         nnx.update(model.transformer, trunk)
         return model
 
-    def __call__(self, tokens, mask=None, *, segments=None, branches=None, dropout_key=None):
-        """(B, T) float32: the head applied to every position's final hidden state.
-        `segments`, `branches`, `dropout_key`: as in `GPT.__call__`."""
+    def __call__(self, tokens, mask=None, *, segments=None, branches=None, dropout_key=None,
+                 at=None):
+        """(B, T) float32: the head applied to every position's final hidden state; with
+        `at` (B, E) int, at those positions only, (B, E), computed as cheaply as
+        `GPT.hidden_states` can. `segments`, `branches`, `dropout_key`: as in
+        `GPT.__call__`."""
         hidden = self.transformer.hidden_states(tokens, mask, segments=segments,
-                                                branches=branches, dropout_key=dropout_key)
+                                                branches=branches, dropout_key=dropout_key,
+                                                at=at)
         return self.head(hidden)[..., 0].astype(jnp.float32)
 
 

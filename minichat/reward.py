@@ -456,8 +456,9 @@ def score(model, tokens: jax.Array, mask: jax.Array, bias=0.0, dropout_key=None)
     any other padding: positions come from the mask, so the reward does not depend on where
     the padding sits. Pure: usable inside `jax.jit` after `nnx.merge`.
     """
-    values = model(tokens, mask, dropout_key=dropout_key)  # (B, T): the head at every position
-    return gather_at(values, last_token_index(mask)) + jnp.asarray(bias, jnp.float32)
+    # the head at the last real token only: the last block runs its queries there alone
+    values = model(tokens, mask, dropout_key=dropout_key, at=last_token_index(mask)[:, None])
+    return values[:, 0] + jnp.asarray(bias, jnp.float32)
 
 
 def shared_prefix(tokens: np.ndarray, lengths: np.ndarray) -> int:
@@ -521,8 +522,10 @@ def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1,
     """Right-padded sequences (..., T) laid end to end in rows of T tokens.
 
     Returns {"tokens", "mask", "segments"} (R, T), segment ids unique per sequence (0 =
-    padding), and "ends" (...,), the flat index ``row * T + column`` of each sequence's last
-    token, where its reward is read (0 for an empty sequence). A comparison batch is mostly
+    padding), "ends" (...,), the flat index ``row * T + column`` of each sequence's last
+    token, where its reward is read (0 for an empty sequence), and the same as the model's
+    `at` wants it (`read_positions`): "at" (R, E), the columns to read in each row, and
+    "at_index" (...,), each sequence's flat index into (R, E). A comparison batch is mostly
     padding: replies of ten to twenty tokens padded to the longest prompt + reply of the
     batch (a `repetition` flaw, a long summary); ChatWorld's batches are a third real
     tokens. Packed with segment ids, each sequence attends only to itself and its positions
@@ -570,17 +573,36 @@ def pack(tokens: np.ndarray, mask: np.ndarray, row_multiple: int = 1,
     if share_prefix:
         out["branches"] = branches
     out["ends"] = ends.reshape(tokens.shape[:-1])
+    out["at"], at_index = read_positions(ends, T, R)
+    out["at_index"] = at_index.reshape(tokens.shape[:-1])
     return out
+
+
+def read_positions(ends: np.ndarray, T: int, R: int):
+    """Flat end indices ``row * T + column`` (N,) of rows of T -> ("at" (R, E) int32, the
+    distinct columns read in each row, padded with column 0; "at_index" (N,) int32, each
+    end's flat index into (R, E)).
+
+    E is a multiple of 8 and at least T / 8: the stage's batches (rows of 256 holding 9 to
+    24 replies) then all read 32 positions per row. Their exact counts, rounded to 8, made
+    7 step shapes instead of 3, each compiled for about 5 s, to save a few queries per row."""
+    distinct, inverse = np.unique(ends, return_inverse=True)
+    rows = distinct // T
+    slot = np.arange(len(distinct)) - np.searchsorted(rows, rows)  # rank within its row
+    E = -(-max(int(slot.max(initial=0)) + 1, T // 8) // 8) * 8
+    at = np.zeros((R, E), np.int32)
+    at[rows, slot] = distinct % T
+    return at, (rows * E + slot)[inverse.reshape(-1)].astype(np.int32)
 
 
 def batch_rewards(model, batch: dict, dropout_key=None) -> jax.Array:
     """(B, K) rewards of a comparison batch (K rows per prompt, one forward): (B, K, T)
-    right-padded rows, or the same `pack`ed (then with "segments", "ends" and, with shared
-    prompts, "branches")."""
-    if "ends" in batch:
+    right-padded rows, or the same `pack`ed (then with "segments", "at", "at_index" and,
+    with shared prompts, "branches")."""
+    if "at_index" in batch:
         values = model(batch["tokens"], batch["mask"], segments=batch["segments"],
-                       branches=batch.get("branches"), dropout_key=dropout_key)
-        return values.reshape(-1)[batch["ends"]]
+                       branches=batch.get("branches"), dropout_key=dropout_key, at=batch["at"])
+        return values.reshape(-1)[batch["at_index"]]
     B, K, T = batch["tokens"].shape
     r = score(model, batch["tokens"].reshape(B * K, T), batch["mask"].reshape(B * K, T),
               dropout_key=dropout_key)
@@ -620,18 +642,18 @@ class Scorer:
     def __init__(self, graphdef, rest, rows_per_call: int, mesh):
         from flax import nnx
         rest = () if rest is None else (rest,)
-        self.fn = jax.jit(lambda p, t, m, s, b: nnx.merge(graphdef, p, *rest)(
-            t, m, segments=s, branches=b))
+        self.fn = jax.jit(lambda p, t, m, s, b, a: nnx.merge(graphdef, p, *rest)(
+            t, m, segments=s, branches=b, at=a))
         self.rows, self.mesh = rows_per_call, mesh
 
     def __call__(self, params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         from minichat.parallel import gather, shard_batch
         packed = pack(tokens, mask, self.rows, share_prefix=True)
-        keys, values = ("tokens", "mask", "segments", "branches"), []
+        keys, values = ("tokens", "mask", "segments", "branches", "at"), []
         for i in range(0, len(packed["tokens"]), self.rows):
             b = shard_batch({k: packed[k][i:i + self.rows] for k in keys}, self.mesh)
             values.append(gather(self.fn(params, *(b[k] for k in keys))))
-        return np.concatenate(values).reshape(-1)[packed["ends"]]
+        return np.concatenate(values).reshape(-1)[packed["at_index"]]
 
 
 # ---- evaluation metrics (NumPy) ----------------------------------------------------------
@@ -769,9 +791,10 @@ def train(model, *, stage: str, run_dir: str, cfg, mesh, data: dict, heldout: di
                disable=not (cfg.progress and is_main()), dynamic_ncols=True)
     # MFU: every step runs forward + backward over packed rows of `width` tokens (tokens/s
     # counts the rows, padding included); the scalar head replaces the vocabulary
-    # projection (6·V·C FLOPs per token).
-    width = data["tokens"].shape[-1]
-    fpt = flops_per_token(cfg.model, width) - 6.0 * cfg.model.vocab_size * cfg.model.n_embd
+    # projection (6·V·C FLOPs per token), and the last block's query, projection and MLP
+    # (10·C² weights) run at the ends alone (`at`).
+    width, C = data["tokens"].shape[-1], cfg.model.n_embd
+    fpt = flops_per_token(cfg.model, width) - 6.0 * cfg.model.vocab_size * C - 6.0 * 10 * C * C
     peak, n_tokens, t_train = device_peak_flops(cfg.parallel.peak_flops), 0, 0.0
     row_multiple = math.lcm(4, mesh_size(mesh))  # few shapes; rows split evenly over devices
     for step in bar:

@@ -1,6 +1,7 @@
 """GPT-2 model: causality, KV cache, padding invariance, naming, init, precision paths."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -318,6 +319,49 @@ def test_scalar_gpt_reads_the_trunk(gpt):
     assert not np.allclose(model(tokens, mask), values, atol=1e-3)
     assert np.all(gpt.ln_f.bias[...] == 0)  # a copy, not shared
 
+
+
+@functools.cache
+def _at_and_full(remat: bool, attention: str):
+    """Jitted (value, parameter gradients) of sum(w * head at `at`), computed by the full
+    forward gathered at `at` and by `at` itself, for a ScalarGPT on the module's trunk."""
+    model = ScalarGPT.init(dataclasses.replace(CFG, remat=remat, attention=attention), 1)
+    graphdef, params = nnx.split(model)
+
+    def via_full(p, tokens, mask, at, w):
+        return jnp.sum(w * jnp.take_along_axis(nnx.merge(graphdef, p)(tokens, mask), at, axis=1))
+
+    def via_at(p, tokens, mask, at, w):
+        return jnp.sum(w * nnx.merge(graphdef, p)(tokens, mask, at=at))
+
+    return params, jax.jit(jax.value_and_grad(via_full)), jax.jit(jax.value_and_grad(via_at))
+
+
+@pytest.mark.parametrize("remat, attention", [(False, "manual"), (True, "manual"), (False, "xla")])
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, T), min_size=B, max_size=B), seed=st.integers(0, 2**16))
+def test_outputs_at_some_positions_equal_the_full_forward_there(remat, attention, lengths, seed):
+    """`at` (the reward model reads one position per reply): the value and the parameter
+    gradients of a loss on the head at those positions equal those of the full forward
+    gathered there, on right-padded rows (a position may be padding, or repeated)."""
+    params, via_full, via_at = _at_and_full(remat, attention)
+    rng = np.random.default_rng(seed)
+    tokens = _tokens(seed)
+    mask = jnp.asarray(np.arange(T)[None] < np.array(lengths)[:, None], jnp.int32)
+    at = jnp.asarray(rng.integers(0, T, (B, 3)), jnp.int32)
+    w = jnp.asarray(rng.normal(size=(B, 3)), jnp.float32)
+    (l1, g1), (l2, g2) = via_full(params, tokens, mask, at, w), via_at(params, tokens, mask, at, w)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(y, x, atol=1e-5, rtol=1e-4)
+
+
+def test_hidden_states_at_positions(gpt):
+    tokens, at = _tokens(3), jnp.asarray([[0, 11], [5, 5], [11, 2]], jnp.int32)
+    hidden = gpt.hidden_states(tokens, at=at)
+    assert hidden.shape == (B, 2, CFG.n_embd)
+    np.testing.assert_allclose(hidden, np.take_along_axis(np.asarray(gpt.hidden_states(tokens)),
+                                                          np.asarray(at)[..., None], 1), atol=1e-5)
 
 # ------------------------------------------------------------------- other paths
 

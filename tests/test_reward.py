@@ -75,8 +75,10 @@ def test_reward_is_read_at_the_end_token(tok, rm):
     values = rm(jnp.asarray(tokens), jnp.asarray(mask))
     assert ids[-1] == tok.end_id
     r = score(rm, tokens, mask)
-    assert float(r[0]) == float(values[0, n - 1])  # the <|end|> position, not T - 1
-    assert abs(float(values[0, T - 1]) - float(r[0])) > 1e-6  # the last column is another number
+    # the <|end|> position (computed there alone, `at`: equal up to rounding), not T - 1
+    assert abs(float(r[0]) - float(values[0, n - 1])) < 1e-6
+    for other in (T - 1, n - 2):  # the last column, the token before the end: other numbers
+        assert abs(float(values[0, other]) - float(r[0])) > 1e-4
     # whatever sits in the padding does not matter
     noisy = tokens.copy()
     noisy[0, n:] = np.arange(7) + 11
@@ -187,6 +189,7 @@ def test_pack_places_every_sequence_whole_and_once(lengths, row_multiple):
             assert e // T == (e - n + 1) // T
             np.testing.assert_array_equal(flat[e - n + 1:e + 1], tokens[i, :n])
             assert (p["segments"].reshape(-1)[e - n + 1:e + 1] == i + 1).all()
+    _check_read_positions(p, T)
     # first fit decreasing never needs more rows than twice the tokens' share, plus one
     assert R <= row_multiple * -(-max(1, 2 * -(-sum(lengths) // T) + 1) // row_multiple)
 
@@ -210,6 +213,7 @@ def test_pack_with_shared_prefixes_rebuilds_every_sequence(groups, row_multiple,
             tokens[g, k, :len(seq)], mask[g, k, :len(seq)] = seq, 1
     p = pack(tokens, mask, row_multiple, share_prefix=True)
     assert len(p["tokens"]) % row_multiple == 0 and p["mask"].sum() <= mask.sum()
+    _check_read_positions(p, T)
     for g in range(len(groups)):
         for k in range(K):
             n = mask[g, k].sum()
@@ -221,6 +225,15 @@ def test_pack_with_shared_prefixes_rebuilds_every_sequence(groups, row_multiple,
             assert br[c] > 0  # every sequence keeps its last token in its own branch
             own = (seg == seg[c]) & ((br == 0) | (br == br[c])) & (np.arange(T) <= c)
             np.testing.assert_array_equal(p["tokens"][r][own], tokens[g, k, :n])
+
+
+def _check_read_positions(p, T):
+    """`at`/`at_index` point at exactly the `ends`, each distinct end read once."""
+    R, E = p["at"].shape
+    assert R == len(p["tokens"]) and E % 8 == 0 and p["at_index"].shape == p["ends"].shape
+    rows, slots = np.divmod(p["at_index"], E)
+    np.testing.assert_array_equal(rows * T + p["at"][rows, slots], p["ends"])
+    assert len(np.unique(p["at_index"])) == len(np.unique(p["ends"]))
 
 
 def test_pack_rejects_left_padding():
@@ -239,6 +252,10 @@ def test_packed_batch_gives_the_padded_rewards_loss_and_gradient(tok, rm, share_
         assert packed["mask"].sum() < d["mask"].sum() - 2 * len(rows)
     padded_r, packed_r = batch_rewards(rm, d), batch_rewards(rm, packed)
     np.testing.assert_allclose(np.where(d["valid"], packed_r, 0), np.where(d["valid"], padded_r, 0), atol=1e-5)
+    # the head read at `at` only equals the full forward's head read at the ends
+    full = rm(packed["tokens"], packed["mask"], segments=packed["segments"],
+              branches=packed.get("branches"))
+    np.testing.assert_allclose(packed_r, np.asarray(full).reshape(-1)[packed["ends"]], atol=1e-5)
     graphdef, params = nnx.split(rm)
 
     def loss(p, batch):
