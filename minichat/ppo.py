@@ -459,12 +459,20 @@ class PPOHyper:
         return cls(**values, end_id=int(end_id))
 
 
+def reply_positions(tokens, prompt_len: int):
+    """The full-sequence positions P-1 .. P+N-2 whose outputs predict / value the N reply
+    tokens, (B, N) int32: the only outputs PPO reads. Passed as the model's `at`, the
+    prompt's other positions skip the last block's queries, MLP and the unembedding."""
+    B, T = tokens.shape
+    return jnp.broadcast_to(jnp.arange(prompt_len - 1, T - 1, dtype=jnp.int32), (B, T - prompt_len))
+
+
 def reply_logits(model, tokens, mask, prompt_len: int, temperature: float):
     """Temperature-scaled logits predicting each reply token: positions P-1 .. P+N-2 of the
-    full sequence (the module's index convention), (B, N, V) float32. The unembedding runs on
-    those N positions only (the prompt's logits are never needed)."""
-    hidden = model.hidden_states(tokens, mask)  # no dropout key: N-details #5, no dropout
-    logits = model.unembed(hidden[:, prompt_len - 1:-1])
+    full sequence (the module's index convention), (B, N, V) float32."""
+    # no dropout key: N-details #5, no dropout
+    hidden = model.hidden_states(tokens, mask, at=reply_positions(tokens, prompt_len))
+    logits = model.unembed(hidden)
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature  # N-details #4: the sampling temperature, again
     return logits
@@ -472,7 +480,7 @@ def reply_logits(model, tokens, mask, prompt_len: int, temperature: float):
 
 def reply_values(value_model, tokens, mask, prompt_len: int):
     """V(state before reply token t), read at full-sequence position P-1+t -> (B, N)."""
-    return value_model(tokens, mask)[:, prompt_len - 1:-1]  # no dropout, as the policy
+    return value_model(tokens, mask, at=reply_positions(tokens, prompt_len))  # no dropout, as the policy
 
 
 def _micro_map(fn, micro: int, *arrays):

@@ -142,6 +142,15 @@ def test_masked_positions_are_zero_and_score_on_last_real_token(trainer):
         seq = np.concatenate([prompt, np.asarray(gen.tokens)[b][:lengths[b]]])[None]
         alone = np.asarray(value(jnp.asarray(seq)))[0, len(prompt) - 1:-1]
         np.testing.assert_allclose(values[b, :lengths[b]], alone, rtol=1e-4, atol=1e-5)
+        # and the logprob of reply token t: the policy's full forward over the unpadded
+        # sequence at the same position, at the sampling temperature
+        policy = nnx.merge(trainer.graphdef, trainer.policy, *(() if trainer.rest is None else (trainer.rest,)))
+        logits = np.asarray(policy(jnp.asarray(seq))[0])[0, len(prompt) - 1:-1] / PCFG.temperature
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        reply = seq[0, len(prompt):]
+        np.testing.assert_allclose(np.asarray(rollout.logprobs)[b, :lengths[b]],
+                                   logp[np.arange(len(reply)), reply], rtol=1e-4, atol=1e-5)
 
 
 def _value_model(trainer):
