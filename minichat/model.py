@@ -44,7 +44,9 @@ token) against it and returns the logits and the updated cache. `minichat.sampli
 builds the jit-compiled sampling loop on top of it.
 
 `ScalarGPT` is the same trunk with a scalar head (one float per position): the reward
-model reads it at the last token, the PPO value model at every token.
+model reads it at the last token, the PPO value model at every reply token. Both ask for
+those positions only (`at`), and the last block then runs there alone: its output at any
+other position would feed nothing.
 """
 
 from __future__ import annotations
