@@ -13,6 +13,8 @@ of 16 (micro-batch 16), the tiny GPT (4 layers, 128 wide, vocab 2048); four mode
 frozen reference, value model (own trunk) and frozen reward model. `--value-model shared`
 measures `ppo.value_model=shared` instead (the value a head on the policy's trunk: one trunk
 fewer in scoring and in the update), `both` the two side by side, interleaved with the peer.
+Each micro-batch runs as `--splits` concurrent sub-batches (default `parallel.cpu_splits`, as
+the stage does on a CPU; `--splits 1` for one chain).
 
   generation  `minichat.sampling.generate` (the jitted KV-cache sampler), temperature 0.7
   scoring     the jitted experience pass: policy + reference logprobs, values, reward, KL-shaped
@@ -64,7 +66,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from minichat.config import ModelConfig, PPOConfig  # noqa: E402
+from minichat.config import ModelConfig, ParallelConfig, PPOConfig  # noqa: E402
 from minichat.model import GPT, ScalarGPT  # noqa: E402
 from minichat.ppo import PPOTrainer, value_head  # noqa: E402
 from minichat.reward import score as rm_score  # noqa: E402
@@ -93,7 +95,7 @@ def prompts() -> np.ndarray:
     return np.random.default_rng(0).integers(4, V, (B, P))
 
 
-def build(model_cfg: ModelConfig, pcfg: PPOConfig):
+def build(model_cfg: ModelConfig, pcfg: PPOConfig, splits: int = 1):
     policy = GPT.init(model_cfg, 0)
     rm = ScalarGPT.from_gpt(policy, 1)
     value = value_head(model_cfg.n_embd) if pcfg.value_model == "shared" else ScalarGPT.from_gpt(policy, 2)
@@ -103,15 +105,15 @@ def build(model_cfg: ModelConfig, pcfg: PPOConfig):
         return rm_score(nnx.merge(graphdef, params[0]), tokens, mask, params[1])
 
     return PPOTrainer(policy, policy, value, (state, jnp.float32(0.0)), reward_fn, pcfg,
-                      end_id=1, pad_id=0, total_iterations=100)
+                      end_id=1, pad_id=0, total_iterations=100, splits=splits)
 
 
-def minichat_runner(value_model: str = "separate"):
+def minichat_runner(value_model: str = "separate", splits: int = 1):
     """Returns `iteration(i) -> {phase: (wall s, cpu s)}` and the list of mean reply lengths."""
     model_cfg = ModelConfig(vocab_size=V, block_size=256, n_layer=4, n_head=4, n_embd=128)
     pcfg = PPOConfig(batch_size=B, minibatch_size=16, micro_batch_size=16, epochs=4, max_new_tokens=N,
                      temperature=0.7, value_model=value_model)
-    trainer = build(model_cfg, pcfg)
+    trainer = build(model_cfg, pcfg, splits)
     query = jnp.asarray(prompts(), jnp.int32)
     qmask = jnp.ones((B, P), jnp.int32)
     lengths = []
@@ -237,6 +239,9 @@ def main() -> None:
     ap.add_argument("--trl", action="store_true", help="measure TRL's PPOTrainer in the same run")
     ap.add_argument("--value-model", choices=["separate", "shared", "both"], default="both",
                     help="minichat's ppo.value_model (both: the two, interleaved)")
+    ap.add_argument("--splits", type=int, default=ParallelConfig().cpu_splits,
+                    help="concurrent sub-batches per micro-batch (parallel.cpu_splits, what the "
+                         "stage uses on a CPU; 1 = one chain)")
     args = ap.parse_args()
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/minichat/jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -252,7 +257,7 @@ def main() -> None:
     names = {"separate": "minichat", "shared": "minichat_shared_value"}  # keys of the output
     lengths = {}
     for v in variants:
-        runners[names[v]], lengths[v] = minichat_runner(v)
+        runners[names[v]], lengths[v] = minichat_runner(v, args.splits)
     rounds = {name: [] for name in runners}
     first = {}
     for i in range(args.repeats + 1):  # interleaved; round 0 compiles / warms up and is dropped
@@ -268,7 +273,7 @@ def main() -> None:
         name = names[v]
         ours[name] = {**summarise(rounds[name]), "first_iteration_with_compile_s": first[name],
                       "mean_reply_tokens": float(np.mean(lengths[v][1:])), "repeats": args.repeats,
-                      "value_model": v}
+                      "value_model": v, "splits": args.splits}
         ours[name]["rollout_tokens_per_s"] = (B * ours[name]["mean_reply_tokens"]
                                               / ours[name]["seconds"]["generation"])
     if "trl" in runners:

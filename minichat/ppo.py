@@ -411,7 +411,8 @@ def gao_rl_gold(d, a, b):
 #                  per-token rewards, GAE, whitened advantages;
 #   3. update      ONE jitted function: `lax.scan` over epochs x minibatches (a fresh
 #                  permutation per epoch), each minibatch a `lax.scan` of micro-batch gradient
-#                  accumulation; PPO-clip + clipped value loss (+ PPO-ptx), AdamW on the
+#                  accumulation (on a CPU each micro-batch as parallel.cpu_splits concurrent
+#                  sub-batches); PPO-clip + clipped value loss (+ PPO-ptx), AdamW on the
 #                  policy and on the value model; buffers donated;
 #   4. adaptive KL (optional), log, checkpoint.
 
@@ -451,14 +452,15 @@ class PPOHyper:
     advantage: str
     value_model: str
     end_id: int
+    splits: int  # concurrent sub-batches per micro-batch (parallel.cpu_splits on a CPU)
 
     @classmethod
-    def from_config(cls, pcfg, end_id: int) -> "PPOHyper":
+    def from_config(cls, pcfg, end_id: int, splits: int = 1) -> "PPOHyper":
         """The PPOConfig fields of the same names, typed as declared here."""
         cast = {"float": float, "int": int, "bool": bool, "str": str}
         values = {f.name: cast[str(f.type)](getattr(pcfg, f.name))
-                  for f in dataclasses.fields(cls) if f.name != "end_id"}
-        return cls(**values, end_id=int(end_id))
+                  for f in dataclasses.fields(cls) if f.name not in ("end_id", "splits")}
+        return cls(**values, end_id=int(end_id), splits=int(splits))
 
 
 def reply_positions(tokens, prompt_len: int):
@@ -512,17 +514,31 @@ def policy_outputs(policy, value, tokens, mask, prompt_len: int, hp: "PPOHyper")
     return logits, reply_values(value, tokens, mask, prompt_len)
 
 
-def _micro_map(fn, micro: int, *arrays):
-    """`fn` applied to consecutive chunks of `micro` rows (`lax.map`), outputs re-concatenated.
+def _strided(x, i: int, splits: int):
+    """Rows i, i + splits, ... of x: sub-batch i of `splits` (a device's shard of a
+    data-parallel batch stays on that device)."""
+    return x.reshape(x.shape[0] // splits, splits, *x.shape[1:])[:, i]
 
-    The experience pass computes the old logprobs on chunks of exactly the micro-batch shape
-    that the update uses, so XLA runs the same kernels on the same shapes and the first
-    update's ratio is 1 to the last bit (RLHF notes item 5)."""
+
+def _micro_map(fn, micro: int, splits: int, *arrays):
+    """`fn` applied to consecutive chunks of `micro` rows (`lax.map`), outputs re-concatenated;
+    within a chunk, to its `splits` strided sub-batches side by side (independent work, which
+    XLA:CPU runs concurrently).
+
+    The experience pass computes the old logprobs on exactly the sub-batch shapes that the
+    update uses, so XLA runs the same kernels on the same shapes and the first update's ratio
+    is 1 to the last bit (RLHF notes item 5)."""
+    def chunk_fn(*xs):
+        if splits == 1:
+            return fn(*xs)
+        outs = [fn(*(_strided(x, i, splits) for x in xs)) for i in range(splits)]
+        return jax.tree.map(lambda *ys: jnp.stack(ys, 1).reshape(-1, *ys[0].shape[1:]), *outs)
+
     B = arrays[0].shape[0]
     if B <= micro:
-        return fn(*arrays)
+        return chunk_fn(*arrays)
     chunks = [a.reshape(B // micro, micro, *a.shape[1:]) for a in arrays]
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(chunks))
+    out = jax.lax.map(lambda xs: chunk_fn(*xs), tuple(chunks))
     return jax.tree.map(lambda y: y.reshape(B, *y.shape[2:]), out)
 
 
@@ -557,7 +573,7 @@ def make_experience_fn(policy_graphdef, value_graphdef, reward_fn: Callable, hp:
             # RLOO's baseline is the other replies to the prompt: no value model to run.
             return lp, ent, ref_lp, jnp.zeros_like(lp) if v is None else v
 
-        lp, ent, ref_lp, values = _micro_map(forward, hp.micro_batch_size, tokens, full_mask, response)
+        lp, ent, ref_lp, values = _micro_map(forward, hp.micro_batch_size, hp.splits, tokens, full_mask, response)
         # N-details #11: nothing past the end token counts: zero it, mask it everywhere.
         lp, ref_lp, values = (jnp.where(m, x, 0.0) for x in (lp, ref_lp, values))
         scores = reward_fn(reward_params, tokens, full_mask).astype(jnp.float32)
@@ -609,8 +625,8 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
     it a `lax.scan` over the B / minibatch_size minibatches, inside that a `lax.scan` over the
     minibatch_size / micro_batch_size micro-batches accumulating gradients, each weighted by
     its share of the minibatch's reply tokens, so that the gradient is the token mean over the
-    whole minibatch whatever the micro-batch size. One optimizer step per minibatch for each
-    model. The parameter and
+    whole minibatch whatever the micro-batch size (and `hp.splits` sub-batches of each, side by
+    side: `grad_fn`). One optimizer step per minibatch for each model. The parameter and
     optimizer buffers are donated. `stats` holds every minibatch's `ppo_losses` stats,
     shape (epochs, n_minibatches): `stats[...][0, 0]` is the first step (ratio exactly 1).
     `ptx` (PPO-ptx) is None or pretraining tokens (epochs, n_mb, n_micro, b, L + 1).
@@ -622,7 +638,7 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
     mb_size, micro = hp.minibatch_size, hp.micro_batch_size
     n_micro = mb_size // micro
 
-    def loss_fn(policy, value, batch: Rollout, ptx_tokens, token_weight):
+    def loss_fn(policy, value, batch: Rollout, ptx_tokens, token_weight, ptx_weight):
         P = batch.query.shape[1]
         tokens = jnp.concatenate([batch.query, batch.response], axis=1)
         full_mask = jnp.concatenate([batch.query_mask, batch.mask], axis=1)
@@ -645,13 +661,32 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
             # PPO-ptx (InstructGPT eq. 2): + gamma * E_pretrain[log pi(x)], i.e. + gamma * LM loss.
             ptx_logits, _ = pol(ptx_tokens[:, :-1])
             ptx_loss = lm_loss(ptx_logits, ptx_tokens[:, 1:],
-                               jnp.ones_like(ptx_tokens[:, 1:])) / n_micro
+                               jnp.ones_like(ptx_tokens[:, 1:])) * ptx_weight
             loss = loss + hp.ptx_coef * ptx_loss
             stats["ptx_loss"] = jax.lax.stop_gradient(ptx_loss)
             stats["loss"] = jax.lax.stop_gradient(loss)
         return loss, stats
 
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    splits = hp.splits
+
+    def grad_fn(policy, value, batch: Rollout, ptx_tokens, token_weight):
+        """One micro-batch's (loss, stats), grads: as `splits` strided sub-batches in one
+        program, each weighted by its share of the micro-batch's reply tokens. They share no
+        work, so XLA:CPU runs them concurrently where one tiny model's chain of small matmuls
+        leaves cores idle (as pretraining's `split_value_and_grad`)."""
+        if splits == 1:
+            return value_and_grad(policy, value, batch, ptx_tokens, token_weight, 1.0 / n_micro)
+        parts = [jax.tree.map(lambda x: _strided(x, i, splits), batch) for i in range(splits)]
+        counts = jnp.stack([(b.mask != 0).sum() for b in parts]).astype(jnp.float32)
+        shares = counts / jnp.maximum(counts.sum(), 1.0)
+        # PPO-ptx rows split the same way; if they do not divide evenly, every part takes the
+        # mean over all of them (the same term, computed `splits` times)
+        even = ptx_tokens is not None and ptx_tokens.shape[0] % splits == 0
+        ptx_parts = [_strided(ptx_tokens, i, splits) if even else ptx_tokens for i in range(splits)]
+        outs = [value_and_grad(policy, value, b, ptx, token_weight * share, 1.0 / (n_micro * splits))
+                for b, ptx, share in zip(parts, ptx_parts, shares)]
+        return jax.tree.map(lambda *xs: sum(xs), *outs)
 
     def update(policy, value, policy_opt, value_opt, rollout: Rollout, key, ptx):
         B = rollout.query.shape[0]
@@ -795,7 +830,8 @@ class PPOTrainer:
     """
 
     def __init__(self, policy, ref, value, reward_params, reward_fn: Callable, pcfg, *, end_id: int,
-                 pad_id: int, total_iterations: int, mesh=None, peak_flops: float = 0.0):
+                 pad_id: int, total_iterations: int, mesh=None, peak_flops: float = 0.0,
+                 splits: int = 1):
         from minichat.pretrain import make_optimizer
 
         check_batch_sizes(pcfg.batch_size, pcfg.minibatch_size, pcfg.micro_batch_size,
@@ -806,7 +842,10 @@ class PPOTrainer:
                                 else "a value head on the policy's hidden states (minichat.ppo.value_head)")
                              + f", not a {type(value).__name__}")
         self.pcfg, self.end_id, self.pad_id, self.mesh = pcfg, int(end_id), int(pad_id), mesh
-        self.hp = PPOHyper.from_config(pcfg, end_id)
+        # sub-batches only where each keeps whole rows on every device
+        n_dev = 1 if mesh is None else mesh.devices.size
+        splits = splits if pcfg.micro_batch_size % (splits * n_dev) == 0 else 1
+        self.hp = PPOHyper.from_config(pcfg, end_id, splits)
         self.model_config, self.peak_flops = policy.config, float(peak_flops)  # for MFU
         put = (lambda t: t) if mesh is None else (lambda t: _shard(t, mesh))
         self.graphdef, policy_params, self.rest = split_params(policy)
@@ -1144,6 +1183,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     from minichat.checkpoint import (Checkpointer, MetricsLog, mark_done, restore_newest_readable,
                                      restore_params, stage_dir, write_json)
     from minichat.model import GPT
+    from minichat.pretrain import cpu_splits
 
     t_start = time.perf_counter()
     pcfg = cfg.ppo
@@ -1194,7 +1234,7 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
 
     trainer = PPOTrainer(policy, ref, value, reward_params, reward_fn, pcfg, end_id=tok.end_id,
                          pad_id=tok.pad_id, total_iterations=pcfg.iterations, mesh=mesh,
-                         peak_flops=cfg.parallel.peak_flops)
+                         peak_flops=cfg.parallel.peak_flops, splits=cpu_splits(cfg, mesh))
     del policy, ref, value
 
     trainer.prompt_width = width

@@ -47,7 +47,7 @@ def rm_reward(params, tokens, mask):
     return rm_score(nnx.merge(graphdef, state), tokens, mask, bias)
 
 
-def make_trainer(reward="rm", pcfg=PCFG, iterations=10, seed=0):
+def make_trainer(reward="rm", pcfg=PCFG, iterations=10, seed=0, splits=1):
     policy = GPT.init(MC, seed)
     if pcfg.value_model == "shared":
         value = ppo.value_head(MC.n_embd)
@@ -66,7 +66,7 @@ def make_trainer(reward="rm", pcfg=PCFG, iterations=10, seed=0):
     else:
         params, fn = (), toy_reward
     return ppo.PPOTrainer(policy, policy, value, params, fn, pcfg, end_id=END, pad_id=PAD,
-                          total_iterations=iterations)
+                          total_iterations=iterations, splits=splits)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,12 @@ def crafted_generation(lengths, ended, seed=0):
 # ---------------------------------------------------------------- the first update
 
 
-def test_step0_ratio_is_one_and_approx_kl_zero_on_a_real_rollout(trainer):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_step0_ratio_is_one_and_approx_kl_zero_on_a_real_rollout(trainer, splits):
+    """Also with each micro-batch computed as two concurrent sub-batches (the CPU default):
+    the experience pass then runs the same sub-batch shapes, so the ratio is still 1 exactly."""
+    trainer = trainer if splits == 1 else make_trainer("rm", splits=splits)
+    assert trainer.hp.splits == splits
     q, m = prompts(0)
     _, rows, row, upd = trainer.step(q, m, jax.random.key(0))
     # the first minibatch of the first epoch sees the policy that produced the rollout
@@ -290,24 +295,35 @@ def test_ptx_mixes_the_pretraining_loss_into_the_update():
     assert np.isfinite(row["ppo/ptx_loss"])
 
 
-def test_micro_batches_give_the_token_mean_of_the_whole_minibatch():
-    """micro_batch_size is a memory setting: with replies of very different lengths, 4
-    micro-batches of 2 give the same losses, gradients and PPO-ptx term as one of 8."""
+@pytest.mark.parametrize("micro, splits", [(2, 1), (8, 2), (2, 2)])
+def test_micro_batches_give_the_token_mean_of_the_whole_minibatch(micro, splits):
+    """micro_batch_size is a memory setting and `splits` a CPU-speed one: with replies of very
+    different lengths, 4 micro-batches of 2, or one of 8 as two concurrent sub-batches of 4,
+    give the same losses, gradients and PPO-ptx term as one of 8. (With micro 2 and splits 2
+    the one PPO-ptx row per micro-batch does not split: each part takes it whole.)"""
     q, qm = prompts(6)
     gen = crafted_generation([1, 8, 2, 8, 1, 1, 8, 7] * 2, [True, False] * 8, seed=6)
     ptx = jax.random.randint(jax.random.key(1), (2, 2, 1, 4, 9), 2, 64)
     outs = []
-    for micro in (8, 2):
-        pcfg = PPOConfig(**{**PCFG.__dict__, "micro_batch_size": micro, "ptx_coef": 0.5})
-        tr = make_trainer("rm", pcfg, seed=6)
+    for mb, sp in ((8, 1), (micro, splits)):
+        pcfg = PPOConfig(**{**PCFG.__dict__, "micro_batch_size": mb, "ptx_coef": 0.5})
+        tr = make_trainer("rm", pcfg, seed=6, splits=sp)
+        assert tr.hp.splits == sp
         rollout, _, _ = tr.score(jnp.asarray(q), jnp.asarray(qm), gen)
         *_, stats = tr.update(tr.policy, tr.value, tr.policy_opt, tr.value_opt, rollout,
-                              jax.random.key(2), ptx.reshape(2, 2, 8 // micro, micro // 2, 9))
+                              jax.random.key(2), ptx.reshape(2, 2, 8 // mb, mb // 2, 9))
         outs.append(stats)
     for name in ("loss", "pg_loss", "vf_loss", "ptx_loss", "entropy", "approx_kl",
                  "policy_grad_norm", "value_grad_norm"):
         np.testing.assert_allclose(outs[1][name], outs[0][name], rtol=2e-4, atol=1e-6,
                                    err_msg=name)
+
+
+def test_sub_batches_only_where_they_keep_whole_rows():
+    """A micro-batch of 1 row cannot be split in two: the trainer falls back to one chain."""
+    pcfg = PPOConfig(**{**PCFG.__dict__, "micro_batch_size": 1})
+    assert make_trainer("toy", pcfg, splits=2).hp.splits == 1
+    assert make_trainer("toy", splits=2).hp.splits == 2
 
 
 def test_batch_sizes_are_checked():
