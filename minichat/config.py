@@ -168,10 +168,10 @@ class RewardConfig:
     # often samples K identical replies; these extra completions give every ranking signal.
     with_ideal: bool = True
     n_flawed: int = 2
-    # Prompts sampled for comparisons, per round. Measured on the default run (same held-out
-    # set), accuracy on held-out pairs whose gold differs: 1024 prompts 0.52, 3072 0.68, 6144
-    # 0.71 (Spearman with gold 0.70 -> 0.71); 6144 cost ~3 CPU minutes more than 3072.
-    n_prompts: int = 6144
+    # Prompts sampled for comparisons, per round: the reward model's one lever that works
+    # (docs 03, section 7). Session 22's default run, same SFT model: 6144 prompts 25% of the
+    # way to the labelers' ceiling, Spearman with gold 0.505; 12288 40%, 0.639, for ~90 s more.
+    n_prompts: int = 12288
     n_heldout: int = 256  # held-out prompts for RM evaluation
     # User phrasings of the comparison prompts: "rl", the wordings that only the RL stages'
     # prompts use (InstructGPT's reward-model and PPO prompts are not SFT's; docs 03), or
@@ -190,7 +190,7 @@ class RewardConfig:
     # gold differs) for ~85 s, which 400 more SFT steps put to better use (SFTConfig.steps).
     epochs: int = 1
     batch_size: int = 16  # prompts per batch; each carries all C(K,2) pairs
-    # 384 steps by default (one epoch): 2 held-out evaluations (~1.2 s each) and checkpoints
+    # 768 steps by default (one epoch): 3 held-out evaluations (~1.2 s each) and checkpoints
     eval_every: int = 200
     checkpoint_every: int = 200
     keep: int = 2
