@@ -58,6 +58,7 @@ from flax import nnx
 from minichat.config import REWARD_SOURCES, check_batch_sizes
 from minichat.data import epoch_batch_indices
 from minichat.model import ScalarGPT, logprobs_from_logits
+from minichat.pretrain import cpu_splits, lm_loss, make_optimizer, sub_batch
 from minichat.reward import last_token_index, load_reward_model
 from minichat.reward import score as reward_score
 
@@ -514,12 +515,6 @@ def policy_outputs(policy, value, tokens, mask, prompt_len: int, hp: "PPOHyper")
     return logits, reply_values(value, tokens, mask, prompt_len)
 
 
-def _strided(x, i: int, splits: int):
-    """Rows i, i + splits, ... of x: sub-batch i of `splits` (a device's shard of a
-    data-parallel batch stays on that device)."""
-    return x.reshape(x.shape[0] // splits, splits, *x.shape[1:])[:, i]
-
-
 def _micro_map(fn, micro: int, splits: int, *arrays):
     """`fn` applied to consecutive chunks of `micro` rows (`lax.map`), outputs re-concatenated;
     within a chunk, to its `splits` strided sub-batches side by side (independent work, which
@@ -531,7 +526,7 @@ def _micro_map(fn, micro: int, splits: int, *arrays):
     def chunk_fn(*xs):
         if splits == 1:
             return fn(*xs)
-        outs = [fn(*(_strided(x, i, splits) for x in xs)) for i in range(splits)]
+        outs = [fn(*(sub_batch(x, i, splits) for x in xs)) for i in range(splits)]
         return jax.tree.map(lambda *ys: jnp.stack(ys, 1).reshape(-1, *ys[0].shape[1:]), *outs)
 
     B = arrays[0].shape[0]
@@ -631,7 +626,6 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
     shape (epochs, n_minibatches): `stats[...][0, 0]` is the first step (ratio exactly 1).
     `ptx` (PPO-ptx) is None or pretraining tokens (epochs, n_mb, n_micro, b, L + 1).
     """
-    from minichat.pretrain import lm_loss
 
     prest = () if policy_rest is None else (policy_rest,)
     vrest = () if value_rest is None else (value_rest,)
@@ -677,13 +671,13 @@ def make_update_fn(policy_graphdef, value_graphdef, policy_tx, value_tx, hp: PPO
         leaves cores idle (as pretraining's `split_value_and_grad`)."""
         if splits == 1:
             return value_and_grad(policy, value, batch, ptx_tokens, token_weight, 1.0 / n_micro)
-        parts = [jax.tree.map(lambda x: _strided(x, i, splits), batch) for i in range(splits)]
+        parts = [jax.tree.map(lambda x: sub_batch(x, i, splits), batch) for i in range(splits)]
         counts = jnp.stack([(b.mask != 0).sum() for b in parts]).astype(jnp.float32)
         shares = counts / jnp.maximum(counts.sum(), 1.0)
         # PPO-ptx rows split the same way; if they do not divide evenly, every part takes the
         # mean over all of them (the same term, computed `splits` times)
         even = ptx_tokens is not None and ptx_tokens.shape[0] % splits == 0
-        ptx_parts = [_strided(ptx_tokens, i, splits) if even else ptx_tokens for i in range(splits)]
+        ptx_parts = [sub_batch(ptx_tokens, i, splits) if even else ptx_tokens for i in range(splits)]
         outs = [value_and_grad(policy, value, b, ptx, token_weight * share, 1.0 / (n_micro * splits))
                 for b, ptx, share in zip(parts, ptx_parts, shares)]
         return jax.tree.map(lambda *xs: sum(xs), *outs)
@@ -832,7 +826,6 @@ class PPOTrainer:
     def __init__(self, policy, ref, value, reward_params, reward_fn: Callable, pcfg, *, end_id: int,
                  pad_id: int, total_iterations: int, mesh=None, peak_flops: float = 0.0,
                  splits: int = 1):
-        from minichat.pretrain import make_optimizer
 
         check_batch_sizes(pcfg.batch_size, pcfg.minibatch_size, pcfg.micro_batch_size,
                           pcfg.samples_per_prompt, pcfg.advantage)
@@ -1183,7 +1176,6 @@ def run(cfg, run_dir: str, tok, mesh, *, policy_stage: str = "sft", reward_stage
     from minichat.checkpoint import (Checkpointer, MetricsLog, mark_done, restore_newest_readable,
                                      restore_params, stage_dir, write_json)
     from minichat.model import GPT
-    from minichat.pretrain import cpu_splits
 
     t_start = time.perf_counter()
     pcfg = cfg.ppo

@@ -115,6 +115,12 @@ def make_train_step(graphdef, tx, loss_fn: Callable = batch_loss, rest=None, *, 
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def sub_batch(x, i: int, splits: int):
+    """Rows i, i + splits, ... of x: sub-batch i of `splits`. Strided, so each device's shard
+    of a data-parallel batch keeps its rows on that device."""
+    return x.reshape(x.shape[0] // splits, splits, *x.shape[1:])[:, i]
+
+
 def split_value_and_grad(objective: Callable, params, batch: Batch, key, splits: int, weight_fn: Callable):
     """`objective(params, batch, key)`'s value and gradient, computed as `splits` sub-batches
     (rows i, i + splits, ...) in one program and weighted back into the whole batch's mean.
@@ -125,10 +131,7 @@ def split_value_and_grad(objective: Callable, params, batch: Batch, key, splits:
     keep each device's shard of a data-parallel batch on that device. Sub-batch i's dropout
     key is `fold_in(key, i)`.
     """
-    def rows(x, i):
-        return x.reshape(x.shape[0] // splits, splits, *x.shape[1:])[:, i]
-
-    parts = [jax.tree.map(lambda x: rows(x, i), batch) for i in range(splits)]
+    parts = [jax.tree.map(lambda x: sub_batch(x, i, splits), batch) for i in range(splits)]
     keys = [None if key is None else jax.random.fold_in(key, i) for i in range(splits)]
     # each part's mean weighted by its share of the counted positions is the whole batch's
     # mean; the clamp is lm_loss's (with nothing counted, every part's loss is 0 anyway)
